@@ -1,0 +1,71 @@
+"""Export the student adapter as a PEFT adapter dir and as a diffusers LoRA file (DESIGN §5).
+
+- `adapter_config.json` + `adapter_model.safetensors`: keys `base_model.model.<module>.lora_{A,B}.weight`,
+  exactly what `PeftModel.save_pretrained` writes, with the true `lora_alpha`.
+- `pytorch_lora_weights.safetensors`: keys `transformer.<module>.lora_{A,B}.weight` with the adapter
+  config as `lora_adapter_metadata`, written by diffusers' own `save_lora_weights`, so
+  `SD3Transformer2DModel.load_lora_adapter`/`StableDiffusion3Pipeline.load_lora_weights` restore alpha.
+Files are written into a temporary sibling dir and renamed into place, so a crash never leaves a
+half-written export behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from diffusers import StableDiffusion3Pipeline
+from peft.utils import get_peft_model_state_dict
+from safetensors.torch import save_file
+
+from engine.models.lora import DIFFUSERS_WEIGHTS, PEFT_CONFIG, PEFT_WEIGHTS, STUDENT
+
+
+def adapter_state(model: torch.nn.Module, name: str = STUDENT) -> dict[str, torch.Tensor]:
+    """Module-relative LoRA weights of adapter `name` (float32, contiguous, on CPU)."""
+    state = get_peft_model_state_dict(model, adapter_name=name)
+    return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
+
+
+def adapter_config_dict(model: torch.nn.Module, name: str = STUDENT) -> dict:
+    cfg = model.peft_config[name].to_dict()
+    for key, value in list(cfg.items()):
+        if isinstance(value, set):
+            cfg[key] = sorted(value)
+    cfg["inference_mode"] = True
+    return cfg
+
+
+def export_adapter(model: torch.nn.Module, out_dir: str | Path, name: str = STUDENT) -> Path:
+    """Write both formats of adapter `name` into `out_dir` atomically; returns `out_dir`."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    state = adapter_state(model, name)
+    cfg = adapter_config_dict(model, name)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        save_file({f"base_model.model.{k}": v for k, v in state.items()}, str(tmp / PEFT_WEIGHTS),
+                  metadata={"format": "pt"})
+        (tmp / PEFT_CONFIG).write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str))
+        StableDiffusion3Pipeline.save_lora_weights(
+            str(tmp), transformer_lora_layers=state, transformer_lora_adapter_metadata=cfg,
+            weight_name=DIFFUSERS_WEIGHTS,
+        )
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if out_dir.exists():
+            old = out_dir.with_name(out_dir.name + ".old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
