@@ -2,7 +2,8 @@
 
 Two methods:
 - `average`: the Flow-OPD reference code averages lora_A and lora_B separately across teachers (same
-  rank required; normalised weights apply to both). Cheap, but B_avg A_avg != mean(B_i A_i): cross terms B_i A_j leak in.
+  rank required; normalised weights apply to both). Cheap, but B_avg A_avg != mean(B_i A_i): cross terms
+  B_i A_j leak in.
 - `svd`: the exact weighted sum of the teachers' deltas dW = sum_i w_i s_i B_i A_i (s_i = alpha_i/r_i),
   re-factored to the student's rank by truncated SVD, the best rank-r approximation (Eckart-Young).
   Weights default to 1/K (the mean delta); weights of 1 give the plain sum (task arithmetic).

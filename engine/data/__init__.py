@@ -1,0 +1,1 @@
+"""Prompt sets with task tags, text encoders, and the prompt-embedding cache."""

@@ -1,0 +1,115 @@
+"""Text encoders that turn prompts into the transformer's conditioning (`Cond`).
+
+The trainer never runs a text encoder in its hot loop: prompts are encoded once into the embedding cache.
+- `HashTextEncoder`: the `tiny` preset's built-in, deterministic, weight-free encoder (token hash -> fixed
+  random table), so everything runs without downloads.
+- `SD3TextEncoder`: the real CLIP-L + CLIP-G + T5-XXL stack of a local SD3/SD3.5 pipeline dir, via diffusers'
+  `StableDiffusion3Pipeline.encode_prompt` (77 CLIP + `max_sequence_length` T5 tokens, 4096-d; pooled 2048-d).
+- `toy`: the miniature world's trained encoder (engine/toy).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import zlib
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from engine.models.presets import ModelPreset
+from engine.models.velocity import Cond
+
+
+class TextEncoder(Protocol):
+    seq_len: int
+    dim: int
+    pooled_dim: int
+
+    def encode(self, prompts: list[str]) -> Cond: ...
+
+    @property
+    def identity(self) -> str:
+        """A string that changes whenever the encoder's outputs could (keys the embedding cache)."""
+        ...
+
+
+class HashTextEncoder:
+    """Deterministic stand-in encoder: token i -> row crc32(token) % vocab of a seeded N(0, 1) table."""
+
+    def __init__(self, seq_len: int, dim: int, pooled_dim: int, vocab: int = 4096, seed: int = 1234):
+        self.seq_len, self.dim, self.pooled_dim, self.vocab, self.seed = seq_len, dim, pooled_dim, vocab, seed
+        gen = torch.Generator().manual_seed(seed)
+        self.table = torch.randn(vocab, dim, generator=gen)
+        self.positions = 0.1 * torch.randn(seq_len, dim, generator=gen)
+        self.pool = torch.randn(dim, pooled_dim, generator=gen) / dim**0.5
+
+    @property
+    def identity(self) -> str:
+        return f"hash:{self.seq_len}:{self.dim}:{self.pooled_dim}:{self.vocab}:{self.seed}"
+
+    def encode(self, prompts: list[str]) -> Cond:
+        embeds = torch.zeros(len(prompts), self.seq_len, self.dim)
+        pooled = torch.zeros(len(prompts), self.pooled_dim)
+        for i, text in enumerate(prompts):
+            tokens = text.lower().split()[: self.seq_len]
+            if not tokens:
+                continue  # the empty (unconditional) prompt is all zeros
+            ids = torch.tensor([zlib.crc32(t.encode()) % self.vocab for t in tokens])
+            rows = self.table[ids] + self.positions[: len(tokens)]
+            embeds[i, : len(tokens)] = rows
+            pooled[i] = rows.mean(0) @ self.pool
+        return Cond(embeds, pooled)
+
+
+class SD3TextEncoder:
+    """The SD3 text encoders of a local pipeline dir (no hub access: `local_files_only`)."""
+
+    def __init__(self, pipeline_dir: str | Path, max_sequence_length: int = 256, device: str = "cpu",
+                 dtype: torch.dtype = torch.float32):
+        from diffusers import StableDiffusion3Pipeline
+
+        path = Path(pipeline_dir)
+        for sub in ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3"):
+            if not (path / sub).is_dir():
+                raise FileNotFoundError(f"SD3 pipeline dir {path} has no {sub}/ (needed by the text encoders)")
+        self.pipe = StableDiffusion3Pipeline.from_pretrained(
+            str(path), transformer=None, vae=None, torch_dtype=dtype, local_files_only=True
+        ).to(device)
+        self.max_sequence_length = max_sequence_length
+        self.seq_len = 77 + max_sequence_length
+        self.dim = self.pipe.text_encoder_3.config.d_model
+        self.pooled_dim = (self.pipe.text_encoder.config.projection_dim
+                           + self.pipe.text_encoder_2.config.projection_dim)
+        self._identity = f"sd3:{path.resolve()}:{max_sequence_length}:{dtype}"
+
+    @property
+    def identity(self) -> str:
+        return self._identity
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> Cond:
+        embeds, _, pooled, _ = self.pipe.encode_prompt(
+            prompt=prompts, prompt_2=None, prompt_3=None, do_classifier_free_guidance=False,
+            max_sequence_length=self.max_sequence_length,
+        )
+        return Cond(embeds.float().cpu(), pooled.float().cpu())
+
+
+def build_encoder(spec: str, preset: ModelPreset | None, max_sequence_length: int = 256) -> TextEncoder:
+    """The encoder named by `data.encoder` (see DataConfig)."""
+    if spec == "builtin":
+        if preset is None:
+            raise ValueError("data.encoder = 'builtin' needs a model preset (it only fits tiny test models)")
+        return HashTextEncoder(preset.text_seq_len, preset.joint_attention_dim, preset.pooled_projection_dim)
+    if spec == "toy":
+        from engine.toy.encoder import ToyTextEncoder
+
+        return ToyTextEncoder.from_pretrained()
+    if not Path(spec).is_dir():
+        raise ValueError(f"data.encoder = {spec!r}: not builtin/toy and not a local SD3 pipeline dir")
+    return SD3TextEncoder(spec, max_sequence_length)
+
+
+def prompts_digest(prompts: list[str]) -> str:
+    return hashlib.sha256("\x00".join(prompts).encode()).hexdigest()[:16]

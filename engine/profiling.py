@@ -1,0 +1,68 @@
+"""Phase timing and NVTX ranges.
+
+`phases.range(name)` opens an NVTX range (the `nvtx` package: works without CUDA, ~1 us per range;
+`torch.cuda.nvtx` raises on CPU builds) and accumulates the phase's wall time. On CUDA the phase end
+synchronises the device once so the seconds are the GPU's, never inside the rollout's step loop.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+try:
+    import nvtx as _nvtx
+except ImportError:  # optional: ranges become no-ops
+    _nvtx = None
+
+
+@contextmanager
+def nvtx_range(name: str, color: str = "blue") -> Iterator[None]:
+    if _nvtx is None:
+        yield
+        return
+    with _nvtx.annotate(name, color=color, domain="flowopd"):
+        yield
+
+
+class PhaseTimer:
+    def __init__(self, device: torch.device):
+        self.sync = device.type == "cuda"
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    @contextmanager
+    def range(self, name: str, color: str = "blue") -> Iterator[None]:
+        start = time.perf_counter()
+        with nvtx_range(name, color):
+            yield
+            if self.sync:
+                torch.cuda.synchronize()
+        self.seconds[name] += time.perf_counter() - start
+
+    def pop(self) -> dict[str, float]:
+        out = dict(self.seconds)
+        self.seconds.clear()
+        return out
+
+
+class CudaProfilerWindow:
+    """`--profile-steps A:B`: cudaProfilerStart before step A, Stop after step B-1 (for nsys
+    `--capture-range=cudaProfilerApi`). Harmless on CPU."""
+
+    def __init__(self, spec: str):
+        self.start, self.stop = (int(x) for x in spec.split(":")) if spec else (-1, -1)
+        self.active = False
+
+    def before_step(self, step: int) -> None:
+        if step == self.start and torch.cuda.is_available():
+            torch.cuda.profiler.start()
+            self.active = True
+
+    def after_step(self, step: int) -> None:
+        if self.active and step + 1 >= self.stop:
+            torch.cuda.profiler.stop()
+            self.active = False

@@ -1,0 +1,89 @@
+"""The student's rollout: T denoising steps with the SDE (log-probs kept) or the Euler ODE, under no_grad.
+
+Noise is drawn per sample from counter-based seeds (engine.rng): the initial latent of global sample c is
+f(seed, c) and its step-t noise f(seed, c, t), so a trajectory does not depend on the batch it ran in, the
+rank that ran it, or on resuming. `RolloutRunner` in rollout_graph.py replays the same loop as CUDA graphs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from engine import rng
+from engine.sampling.steps import ode_step, sde_step
+
+VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""(x [B, C, H, W], sigma [B]) -> v, with whatever guidance the caller applies."""
+
+
+@dataclass
+class Trajectory:
+    states: torch.Tensor
+    """[T+1, B, C, H, W] x_0 (pure noise, sigma = 1) ... x_T (the sample), float32."""
+    log_probs: torch.Tensor
+    """[T, B] log p(x_{t+1} | x_t) under the rollout policy (zeros for the ODE)."""
+    sigmas: torch.Tensor
+    """[T+1] the schedule, on the states' device."""
+
+    @property
+    def num_steps(self) -> int:
+        return self.sigmas.shape[0] - 1
+
+    @property
+    def samples(self) -> torch.Tensor:
+        return self.states[-1]
+
+
+class SampleNoise:
+    """Per-sample Gaussian noise keyed by (seed, sample id, step)."""
+
+    def __init__(self, seed: int, sample_ids: Sequence[int], shape: tuple[int, ...], device: torch.device):
+        self.seed, self.ids, self.shape, self.device = seed, list(sample_ids), shape, device
+
+    def _draw(self, *keys: int) -> torch.Tensor:
+        gen_device = self.device if self.device.type == "cuda" else "cpu"
+        out = [
+            torch.randn(self.shape, generator=rng.generator(self.seed, rng.NOISE, sid, *keys, device=gen_device),
+                        device=gen_device)
+            for sid in self.ids
+        ]
+        return torch.stack(out).to(self.device)
+
+    def initial(self) -> torch.Tensor:
+        return self._draw(-1)
+
+    def step(self, t: int) -> torch.Tensor:
+        return self._draw(t)
+
+
+@torch.no_grad()
+def rollout(
+    velocity: VelocityFn,
+    noise: SampleNoise,
+    sigmas: torch.Tensor,
+    sampler: str = "sde",
+    noise_level: float = 0.7,
+) -> Trajectory:
+    """Run the T = len(sigmas) - 1 steps; `sampler` is `sde` or `ode`."""
+    sigmas = sigmas.to(noise.device, torch.float32)
+    x = noise.initial()
+    b = x.shape[0]
+    states = [x]
+    log_probs = []
+    sigma_1 = sigmas[1]
+    for t in range(sigmas.shape[0] - 1):
+        sigma = sigmas[t].expand(b)
+        sigma_next = sigmas[t + 1].expand(b)
+        v = velocity(x, sigma).float()
+        if sampler == "sde":
+            out = sde_step(x, v, sigma, sigma_next, sigma_1, noise_level, noise=noise.step(t))
+            x = out.sample
+            log_probs.append(out.log_prob)
+        else:
+            x = ode_step(x, v, sigma, sigma_next)
+            log_probs.append(torch.zeros(b, device=x.device))
+        states.append(x)
+    return Trajectory(states=torch.stack(states), log_probs=torch.stack(log_probs), sigmas=sigmas)
