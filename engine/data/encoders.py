@@ -63,37 +63,55 @@ class HashTextEncoder:
 
 
 class SD3TextEncoder:
-    """The SD3 text encoders of a local pipeline dir (no hub access: `local_files_only`)."""
+    """The SD3 text encoders of a local pipeline dir (no hub access: `local_files_only`).
 
-    def __init__(self, pipeline_dir: str | Path, max_sequence_length: int = 256, device: str = "cpu",
-                 dtype: torch.dtype = torch.float32):
-        from diffusers import StableDiffusion3Pipeline
+    Lazy: the ~10 GB of encoders load on the first `encode`, so a run whose prompt cache is already built
+    (`python -m engine.data.encode`) never loads them. Dims come from the encoders' config.json files.
+    """
 
+    def __init__(self, pipeline_dir: str | Path, max_sequence_length: int = 256, device: str | None = None,
+                 dtype: torch.dtype | None = None):
         path = Path(pipeline_dir)
         for sub in ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3"):
             if not (path / sub).is_dir():
                 raise FileNotFoundError(f"SD3 pipeline dir {path} has no {sub}/ (needed by the text encoders)")
-        self.pipe = StableDiffusion3Pipeline.from_pretrained(
-            str(path), transformer=None, vae=None, torch_dtype=dtype, local_files_only=True
-        ).to(device)
+        self.path = path
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.dtype = dtype or (torch.bfloat16 if self.device.startswith("cuda") else torch.float32)
         self.max_sequence_length = max_sequence_length
         self.seq_len = 77 + max_sequence_length
-        self.dim = self.pipe.text_encoder_3.config.d_model
-        self.pooled_dim = (self.pipe.text_encoder.config.projection_dim
-                           + self.pipe.text_encoder_2.config.projection_dim)
-        self._identity = f"sd3:{path.resolve()}:{max_sequence_length}:{dtype}"
+        self.dim = int(_read_json(path / "text_encoder_3" / "config.json")["d_model"])
+        self.pooled_dim = sum(int(_read_json(path / sub / "config.json")["projection_dim"])
+                              for sub in ("text_encoder", "text_encoder_2"))
+        self.pipe = None
 
     @property
     def identity(self) -> str:
-        return self._identity
+        # dtype is left out on purpose: a cache built in bf16 on a GPU node serves fp32 runs too
+        return f"sd3:{self.path.resolve()}:{self.max_sequence_length}"
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> Cond:
+        if self.pipe is None:
+            from diffusers import StableDiffusion3Pipeline
+
+            self.pipe = StableDiffusion3Pipeline.from_pretrained(
+                str(self.path), transformer=None, vae=None, torch_dtype=self.dtype, local_files_only=True
+            ).to(self.device)
         embeds, _, pooled, _ = self.pipe.encode_prompt(
             prompt=prompts, prompt_2=None, prompt_3=None, do_classifier_free_guidance=False,
             max_sequence_length=self.max_sequence_length,
         )
         return Cond(embeds.float().cpu(), pooled.float().cpu())
+
+
+def _read_json(path: Path) -> dict:
+    import json
+
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise FileNotFoundError(f"cannot read {path}: {exc}") from exc
 
 
 def build_encoder(spec: str, preset: ModelPreset | None, max_sequence_length: int = 256) -> TextEncoder:
