@@ -118,3 +118,27 @@ def test_two_ranks_match_one_rank(tmp_path: Path) -> None:
     for k in w1:
         # Adam normalises tiny gradients, so reduction-order rounding shows up as ~1e-6 moves (lr 1e-3)
         torch.testing.assert_close(w1[k], w2[k], rtol=1e-3, atol=1e-5)
+
+
+def test_grad_accumulation_equals_a_larger_batch(tmp_path: Path) -> None:
+    _, big = run(tmp_path / "big", ["train.prompts_per_step=2", "train.grad_accum=1", "train.steps=3"])
+    _, acc = run(tmp_path / "acc", ["train.prompts_per_step=1", "train.grad_accum=2", "train.steps=3"])
+    for a, b in zip(big, acc):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+
+
+@pytest.mark.parametrize("overrides", [
+    ["opd.loss='kl_only'"],
+    ["opd.loss='mse'", "rollout.sampler='ode'", "rollout.cfg_scale=1.0", "opd.student_cfg=1.0",
+     "opd.query_states=1", "opd.query_bias='low'", "opd.anchor=''"],
+    ["opd.routing='step'", "opd.weights={compose = 1.0, base = 0.5}"],
+    ["opd.routing='epoch'", "opd.epoch_steps=1", "init.merge='average'"],
+    ["opd.evaluator='reference'", "model.dtype='bfloat16'"],
+], ids=["kl_only", "danceopd_mse_ode", "step_routing", "epoch_routing", "bf16"])
+def test_method_variants_train(tmp_path: Path, overrides: list[str]) -> None:
+    _, rows = run(tmp_path / "r", [*overrides, "train.steps=2", "train.save_every=0"])
+    assert len(rows) == 2
+    assert all(r["skipped"] is False and r["loss"] == r["loss"] for r in rows)
+    if "opd.routing='epoch'" in overrides:
+        assert set(rows[0]) & {"field/compose", "field/text"} != set(rows[1]) & {"field/compose", "field/text"}
