@@ -34,7 +34,7 @@ lint: setup
 	$(BIN)/ruff format --check engine kernels tests bench
 
 bench: setup
-	$(BIN)/python -m pytest bench --benchmark-enable --benchmark-json=bench/results/latest.json
+	$(BIN)/python -m pytest bench --benchmark-json=bench/results/$$(date +%Y%m%d-%H%M)-$$(hostname).json
 
 clean:
 	rm -rf out build *.egg-info .pytest_cache .benchmarks
