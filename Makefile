@@ -31,7 +31,6 @@ test-fast: setup
 
 lint: setup
 	$(BIN)/ruff check .
-	$(BIN)/ruff format --check engine kernels tests bench
 
 bench: setup
 	$(BIN)/python -m pytest bench --benchmark-json=bench/results/$$(date +%Y%m%d-%H%M)-$$(hostname).json
