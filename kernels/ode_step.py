@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from kernels.philox import HAS_TRITON
-from kernels.sde_step import _empty, _per_row, sigma_terms_ref
+from kernels.sde_step import _check_out, _empty, _per_row, sigma_terms_ref
 
 if HAS_TRITON:
     import triton
@@ -180,6 +180,8 @@ def ode_step_indexed(
     if backend not in ("triton", "cuda"):
         raise ValueError(f"backend must be 'triton' or 'cuda', got {backend!r}")
     step = step.reshape(-1)
+    if out is not None:
+        _check_out(out, x)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, vv, vc)):
         if out is not None:
             raise ValueError("out= is for no-grad rollouts; it cannot be combined with autograd")

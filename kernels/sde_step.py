@@ -455,6 +455,11 @@ def _check(x: torch.Tensor, *others: torch.Tensor | None) -> None:
             raise ValueError(f"inputs must match x {tuple(x.shape)} on {x.device}, got {tuple(t.shape)} {t.dtype}")
 
 
+def _check_out(out: torch.Tensor, x: torch.Tensor) -> None:
+    if out.shape != x.shape or out.dtype != x.dtype or out.device != x.device or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {x.dtype} tensor of shape {tuple(x.shape)} on {x.device}")
+
+
 def _run(backend: str, x, v, v_uncond, v_cond, noise, prev_sample, a: _Args, return_mean: bool, out):
     if backend not in ("triton", "cuda"):
         raise ValueError(f"backend must be 'triton' or 'cuda', got {backend!r}")
@@ -465,6 +470,10 @@ def _run(backend: str, x, v, v_uncond, v_cond, noise, prev_sample, a: _Args, ret
     _check(x, vv, vc, aux)
     if noise is not None and noise.requires_grad:
         raise ValueError("the fused step gives no gradient to noise; use the reference")
+    if out is not None:
+        _check_out(out, x)
+        if a.mode == NOISE_PREV:
+            raise ValueError("out= receives a sampled x'; with prev_sample there is nothing to write")
     grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, vv, vc))
     if not grads:
         sample, mean, logp, std = _launch_fwd(backend, x, vv, vc, aux, a, return_mean, out)

@@ -77,6 +77,12 @@ def _pick(backend: str, x: torch.Tensor, vels: Sequence[torch.Tensor | None], au
     return "triton" if _triton_takes(x, [*vels, aux]) else None
 
 
+def _index_ok(x: torch.Tensor, sigmas: torch.Tensor, step: torch.Tensor) -> bool:
+    """The kernels read a float32 table and int steps on x's device (the reference also takes other dtypes)."""
+    return (sigmas.dtype == torch.float32 and sigmas.device == x.device and step.device == x.device
+            and step.dtype in (torch.int32, torch.int64) and step.numel() in (1, x.shape[0]))
+
+
 def _no_grad_into(*values: object) -> bool:
     return not any(isinstance(t, torch.Tensor) and t.requires_grad for t in values)
 
@@ -148,7 +154,8 @@ def _sde_step_indexed(backend: str) -> Callable:
         kw = dict(v_uncond=v_uncond, v_cond=v_cond, guidance=guidance, noise=noise, prev_sample=prev_sample,
                   seed=seed, offset=offset, return_mean=return_mean, out=out)
         aux = prev_sample if prev_sample is not None else noise
-        kind = _pick(backend, x, [v, v_uncond, v_cond], aux) if _no_grad_into(noise, sigmas) else None
+        ok = _no_grad_into(noise, sigmas) and _index_ok(x, sigmas, step)
+        kind = _pick(backend, x, [v, v_uncond, v_cond], aux) if ok else None
         if kind is None:
             return sde_step_indexed_torch(x, v, sigmas, step, noise_level, **kw)
         from kernels.sde_step import sde_step_indexed as fused
@@ -168,7 +175,8 @@ def ode_step_indexed_torch(x, v, sigmas, step, *, v_uncond=None, v_cond=None, gu
 def _ode_step_indexed(backend: str) -> Callable:
     def ode_step_indexed(x, v, sigmas, step, *, v_uncond=None, v_cond=None, guidance=1.0, out=None):
         kw = dict(v_uncond=v_uncond, v_cond=v_cond, guidance=guidance, out=out)
-        kind = _pick(backend, x, [v, v_uncond, v_cond], None) if _no_grad_into(sigmas) else None
+        ok = _no_grad_into(sigmas) and _index_ok(x, sigmas, step)
+        kind = _pick(backend, x, [v, v_uncond, v_cond], None) if ok else None
         if kind is None:
             return ode_step_indexed_torch(x, v, sigmas, step, **kw)
         from kernels.ode_step import ode_step_indexed as fused
