@@ -212,6 +212,8 @@ def test_segment_batch_and_row_plan():
     b = SegmentBatch.from_slots([-1, -1, 0, 0, 0, 2], "cpu")
     assert b.seg_indptr.tolist() == [0, 2, 5, 6] and b.seg_adapter.tolist() == [-1, 0, 2]
     assert b.rows == 6 and b.present == {0, 2} and b.seg_indptr.dtype == torch.int32
+    padded = SegmentBatch.from_slots([-1, -1, 0, 0, 0, 2], "cpu", pad_to=5)
+    assert padded.seg_indptr.tolist() == [0, 2, 5, 6, 6, 6] and padded.seg_adapter.tolist() == [-1, 0, 2, -1, -1]
     empty = SegmentBatch.from_slots([], "cpu")
     assert empty.seg_indptr.tolist() == [0] and empty.seg_adapter.numel() == 0
     state = install_multi_lora(_model())

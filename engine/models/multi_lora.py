@@ -76,8 +76,12 @@ class SegmentBatch:
     """Slots with at least one row (known on the host, so no device read is needed to decide anything)."""
 
     @staticmethod
-    def from_slots(slots: Sequence[int], device: torch.device | str) -> SegmentBatch:
-        """Segments = runs of equal consecutive slots (sort rows by slot first to get one per adapter)."""
+    def from_slots(slots: Sequence[int], device: torch.device | str, pad_to: int | None = None) -> SegmentBatch:
+        """Segments = runs of equal consecutive slots (sort rows by slot first to get one per adapter).
+
+        `pad_to` appends empty segments up to that count: the segment count is a kernel argument, so a
+        captured CUDA graph replays correctly with new metadata copied into the same tensors only if it is fixed.
+        """
         bounds, ids = [0], []
         for i, s in enumerate(slots):
             if not ids or s != ids[-1]:
@@ -87,6 +91,11 @@ class SegmentBatch:
         bounds.append(len(slots))
         if not ids:
             bounds = [0]
+        if pad_to is not None:
+            if pad_to < len(ids):
+                raise ValueError(f"{len(ids)} segments do not fit pad_to={pad_to}")
+            bounds += [len(slots)] * (pad_to - len(ids))
+            ids += [-1] * (pad_to - len(ids))
         indptr = torch.tensor(bounds, dtype=torch.int32).to(device, non_blocking=True)
         adapter = torch.tensor(ids, dtype=torch.int32).to(device, non_blocking=True)
         return SegmentBatch(indptr, adapter, len(slots), frozenset(s for s in ids if s >= 0))
@@ -105,6 +114,8 @@ class _Stack:
     """[n] float32 peft `scaling` per adapter (alpha / r, or alpha / sqrt(r) for rsLoRA); 0 where absent."""
     signature: list
     scale_values: list[float]
+    slot_index: dict[int, torch.Tensor] = field(default_factory=dict)
+    """Cached [1] index tensors on the stack's device (no host-to-device copy per forward)."""
 
 
 class MultiLoraState:
@@ -249,7 +260,9 @@ class MultiLoraLinear(LoraLinear):
             if pa.requires_grad or pb.requires_grad:
                 # Splice the live parameters into the stack so autograd routes the slot's grads to peft.
                 pad = a.shape[1] - pa.shape[0]
-                idx = torch.tensor([t], device=a.device)
+                idx = stack.slot_index.get(t)
+                if idx is None:
+                    idx = stack.slot_index[t] = torch.tensor([t], device=a.device)
                 a = a.index_copy(0, idx, F.pad(pa.to(a.dtype), (0, 0, 0, pad))[None])
                 b = b.index_copy(0, idx, F.pad(pb.to(b.dtype), (0, pad))[None])
                 trainable = t
