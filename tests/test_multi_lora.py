@@ -85,7 +85,7 @@ def test_velocities_match_reference(backend):
     with torch.no_grad():
         ref = FieldEvaluator(model, FIELDS, uncond).velocities(x, sigma, cond, ROWS)
         got = BatchedFieldEvaluator(model, FIELDS, uncond).velocities(x, sigma, cond, ROWS)
-    assert got.shape == ref.shape == x.shape
+    assert got.shape == ref.shape == x.shape and not got.requires_grad
     torch.testing.assert_close(got, ref, atol=_tol(ref), rtol=1e-5)
 
 
@@ -142,6 +142,8 @@ def test_student_gradients_match_peft(backend, fuse_grad):
 
     v_ref, g_ref = grads(FieldEvaluator(model, FIELDS, uncond))
     v_got, g_got = grads(BatchedFieldEvaluator(model, FIELDS, uncond, fuse_grad=fuse_grad))
+    with torch.no_grad():
+        assert not BatchedFieldEvaluator(model, FIELDS, uncond).velocities(x, sigma, cond, ROWS).requires_grad
     torch.testing.assert_close(v_got, v_ref, atol=_tol(v_ref), rtol=1e-5)
     assert any(g.abs().sum() > 0 for g in g_ref.values())
     for n in params:

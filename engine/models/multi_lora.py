@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -383,7 +383,7 @@ class BatchedFieldEvaluator(FieldEvaluator):
         batched = [i for i, f in enumerate(fields) if f.name not in grad_names]
         parts: list[tuple[list[int], torch.Tensor]] = []
         if batched:
-            with torch.no_grad() if split else torch.enable_grad():
+            with torch.no_grad() if split else nullcontext():
                 parts += self._batched(x, sigma, cond, fields, batched)
         for name in dict.fromkeys(f.name for f in fields if f.name in grad_names):
             idx = [i for i, f in enumerate(fields) if f.name == name]
