@@ -15,6 +15,7 @@ from diffusers import SD3Transformer2DModel
 from peft.tuners.lora import Linear as LoraLinear
 from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict
+from safetensors.torch import save_file
 
 from engine.models.lora import STUDENT, AdapterSwitch, LoraSpec, freeze_for_training, lora_layers, random_adapter
 from engine.models.multi_lora import (
@@ -152,9 +153,9 @@ def test_student_gradients_match_peft(backend, fuse_grad):
     assert not frozen, f"frozen parameters got gradients: {frozen[:3]}"
 
 
-def test_install_keeps_plain_forwards_and_peft_state():
+def test_install_keeps_plain_forwards_and_peft_state(tmp_path):
     model = _model()
-    x, sigma, cond, _ = _inputs(3)
+    x, sigma, cond, uncond = _inputs(3)
     switch = AdapterSwitch(model)
     keys = list(model.state_dict().keys())
     peft_state = {k: v.clone() for k, v in get_peft_model_state_dict(model, adapter_name="t2").items()}
@@ -173,9 +174,18 @@ def test_install_keeps_plain_forwards_and_peft_state():
     assert len(state.layers) == len(lora_layers(model)) and state.slots == [STUDENT, "t1", "t2", "t3"]
     for a, b in zip(before, plain()):
         assert torch.equal(a, b)
+    with torch.no_grad():  # the first segmented forward re-points frozen teachers' weights into the stacks
+        BatchedFieldEvaluator(model, FIELDS, uncond).velocities(x, sigma, cond, ROWS[: x.shape[0]])
+    layer = state.layers[0]
+    assert layer.lora_A["t1"].weight.data_ptr() == layer._mlora_stack.a[1].data_ptr()
+    assert layer.lora_B["t2"].weight.data_ptr() == layer._mlora_stack.b[2].data_ptr()  # t2 has the max rank
+    assert layer.lora_A[STUDENT].weight.data_ptr() != layer._mlora_stack.a[0].data_ptr()  # trainable: own memory
+    for a, b in zip(before, plain()):
+        assert torch.equal(a, b)
     assert list(model.state_dict().keys()) == keys
     after = get_peft_model_state_dict(model, adapter_name="t2")
     assert after.keys() == peft_state.keys() and all(torch.equal(after[k], peft_state[k]) for k in after)
+    save_file(after, str(tmp_path / "t2.safetensors"))  # shared views stay contiguous: peft/safetensors save works
     uninstall_multi_lora(model)
     assert all(type(layer) is LoraLinear for layer in lora_layers(model))
     assert not hasattr(model, "_flowopd_multi_lora")

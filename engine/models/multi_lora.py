@@ -121,9 +121,11 @@ class _Stack:
 class MultiLoraState:
     """Shared by the installed layers of one model: adapter slots, the active batch, the trainable adapter."""
 
-    def __init__(self, model: torch.nn.Module, trainable: str | None = STUDENT):
+    def __init__(self, model: torch.nn.Module, trainable: str | None = STUDENT, share_frozen: bool = True):
         self.model = model
         self.trainable = trainable
+        self.share_frozen = share_frozen
+        """Point frozen adapters' peft weights at their slot of the stack (memory: base + 1x adapters)."""
         self.slots: list[str] = []
         self.layers: list[MultiLoraLinear] = []
         self.batch: SegmentBatch | None = None
@@ -200,17 +202,15 @@ class MultiLoraLinear(LoraLinear):
                 raise NotImplementedError(f"adapter {name!r}: active LoRA dropout is not supported")
             entries.append((self.lora_A[name].weight, self.lora_B[name].weight, float(self.scaling[name])))
         rank = max([e[0].shape[0] for e in entries if e is not None], default=1)
-        signature = [
-            None if e is None else (e[0].data_ptr(), e[0]._version, e[1].data_ptr(), e[1]._version) for e in entries
-        ]
         stack = self._mlora_stack
         shape_a = (len(slots), rank, self.in_features)
-        if (
+        rebuild = (
             stack is None
             or tuple(stack.a.shape) != shape_a
             or stack.a.device != base.device
             or stack.a.dtype != base.dtype
-        ):
+        )
+        if rebuild:
             stack = _Stack(
                 a=torch.zeros(shape_a, device=base.device, dtype=base.dtype),
                 b=torch.zeros((len(slots), self.out_features, rank), device=base.device, dtype=base.dtype),
@@ -218,21 +218,35 @@ class MultiLoraLinear(LoraLinear):
                 signature=[None] * len(slots),
                 scale_values=[0.0] * len(slots),
             )
-            changed = range(len(slots))
-        else:
-            changed = [i for i, s in enumerate(signature) if s != stack.signature[i]]
+        share = self._mlora.share_frozen
+        signature = []
         with torch.no_grad():
-            for i in changed:
-                if entries[i] is None:
-                    stack.a[i].zero_()
-                    stack.b[i].zero_()
+            for i, entry in enumerate(entries):
+                old = stack.signature[i]
+                if entry is None:
+                    if old is not None:
+                        stack.a[i].zero_()
+                        stack.b[i].zero_()
+                    signature.append(None)
                     continue
-                a, b, _ = entries[i]
+                a, b, _ = entry
                 r = a.shape[0]
-                stack.a[i, :r].copy_(a)
-                stack.a[i, r:].zero_()
-                stack.b[i, :, :r].copy_(b)
-                stack.b[i, :, r:].zero_()
+                parts = []
+                for j, (p, dst, pad) in enumerate(
+                    ((a, stack.a[i, :r], stack.a[i, r:]), (b, stack.b[i, :, :r], stack.b[i, :, r:]))
+                ):
+                    if p.data_ptr() == dst.data_ptr() and p.shape == dst.shape and p.stride() == dst.stride():
+                        parts.append(("shared", p.data_ptr()))  # p is this stack's memory: nothing to copy
+                        continue
+                    sig = (p.data_ptr(), p._version)
+                    if old is None or old[j] != sig:
+                        dst.copy_(p)
+                        pad.zero_()
+                        if share and not p.requires_grad and p.dtype == dst.dtype and dst.is_contiguous():
+                            p.data = dst  # a frozen adapter's peft weight becomes a view of the stack: no 2nd copy
+                            sig = ("shared", p.data_ptr())
+                    parts.append(sig)
+                signature.append(tuple(parts))
         stack.signature = signature
         values = [0.0 if e is None else e[2] for e in entries]
         if values != stack.scale_values:
@@ -271,14 +285,22 @@ class MultiLoraLinear(LoraLinear):
         return fn(x, base.weight, base.bias, a, b, stack.scales, batch.seg_indptr, batch.seg_adapter, trainable)
 
 
-def install_multi_lora(model: torch.nn.Module, trainable: str | None = STUDENT) -> MultiLoraState:
-    """Install (idempotently) the segmented layers on every peft LoRA layer of `model`; returns the state."""
+def install_multi_lora(
+    model: torch.nn.Module, trainable: str | None = STUDENT, share_frozen: bool = True
+) -> MultiLoraState:
+    """Install (idempotently) the segmented layers on every peft LoRA layer of `model`; returns the state.
+
+    `share_frozen`: at the first segmented forward, frozen adapters' peft weights are re-pointed (`.data`)
+    at their slot of the stacked copy where that slot is contiguous, so K teachers cost one copy of their
+    weights, not two; values, names and state_dict are unchanged.
+    """
     state = getattr(model, "_flowopd_multi_lora", None)
     if state is None:
-        state = MultiLoraState(model, trainable)
+        state = MultiLoraState(model, trainable, share_frozen)
         model._flowopd_multi_lora = state
     else:
         state.trainable = trainable
+        state.share_frozen = share_frozen
         state.refresh()
     return state
 
