@@ -218,6 +218,15 @@ def test_stacks_follow_peft_parameters():
         want = ref.velocities(x, sigma, cond, rows)
         got = batched.velocities(x, sigma, cond, rows)
     torch.testing.assert_close(got, want, atol=_tol(want), rtol=1e-5)
+    # Same slot count, shifted slots: t2/t3/t4 move down one slot while their weights live in the old stack.
+    model.delete_adapters("t1")
+    random_adapter(model, "t5", LoraSpec(rank=2, alpha=3), seed=15)
+    fields = [f for f in fields if f.adapter != "t1"] + [Field("newest", "t5", 1.5)]
+    rows = [r if r != "geneval" else "newest" for r in rows]
+    with torch.no_grad():
+        want = FieldEvaluator(model, fields, uncond).velocities(x, sigma, cond, rows)
+        got = BatchedFieldEvaluator(model, fields, uncond).velocities(x, sigma, cond, rows)
+    torch.testing.assert_close(got, want, atol=_tol(want), rtol=1e-5)
 
 
 def test_segment_batch_and_row_plan():

@@ -114,6 +114,8 @@ class _Stack:
     """[n] float32 peft `scaling` per adapter (alpha / r, or alpha / sqrt(r) for rsLoRA); 0 where absent."""
     signature: list
     scale_values: list[float]
+    slots: tuple[str, ...]
+    """Adapter names in slot order; any change rebuilds the stack (a frozen adapter's weights may live in it)."""
     slot_index: dict[int, torch.Tensor] = field(default_factory=dict)
     """Cached [1] index tensors on the stack's device (no host-to-device copy per forward)."""
 
@@ -139,8 +141,8 @@ class MultiLoraState:
             _check_layer(layer)
             if not isinstance(layer, MultiLoraLinear):
                 layer.__class__ = MultiLoraLinear
+                layer._mlora_stack = None
             layer._mlora = self
-            layer._mlora_stack = None
             self.layers.append(layer)
 
     def slot(self, adapter: str | None) -> int:
@@ -206,6 +208,7 @@ class MultiLoraLinear(LoraLinear):
         shape_a = (len(slots), rank, self.in_features)
         rebuild = (
             stack is None
+            or stack.slots != tuple(slots)
             or tuple(stack.a.shape) != shape_a
             or stack.a.device != base.device
             or stack.a.dtype != base.dtype
@@ -217,6 +220,7 @@ class MultiLoraLinear(LoraLinear):
                 scales=torch.zeros(len(slots), device=base.device, dtype=torch.float32),
                 signature=[None] * len(slots),
                 scale_values=[0.0] * len(slots),
+                slots=tuple(slots),
             )
         share = self._mlora.share_frozen
         signature = []
