@@ -23,6 +23,7 @@ for cu in csrc/*.cu; do
   pids+=($!)
 done
 cpps=(csrc/*.cpp)
+checked=0
 if [ "${FLOWOPD_CHECK_BINDINGS:-1}" != 0 ] && [ ${#cpps[@]} -gt 0 ]; then
   torch_inc=$("$PYTHON" -c 'import torch.utils.cpp_extension as c; print(" ".join(c.include_paths()))' 2>/dev/null || true)
   py_inc=$("$PYTHON" -c 'import sysconfig; print(sysconfig.get_paths()["include"])' 2>/dev/null || true)
@@ -39,6 +40,7 @@ if [ "${FLOWOPD_CHECK_BINDINGS:-1}" != 0 ] && [ ${#cpps[@]} -gt 0 ]; then
       g++ -std=c++20 -fsyntax-only -Wall -DTORCH_EXTENSION_NAME=flowopd_native "${incs[@]}" "$cpp" &
       pids+=($!)
     done
+    checked=${#cpps[@]}
   fi
 fi
 status=0
@@ -47,4 +49,4 @@ if [ $status -ne 0 ]; then
   echo "check_cuda_sources: FAILED"
   exit 1
 fi
-echo "check_cuda_sources: $(ls csrc/*.cu | wc -l) .cu compiled for sm_90, ${#cpps[@]} .cpp checked, $((SECONDS - start)) s"
+echo "check_cuda_sources: $(ls csrc/*.cu | wc -l) .cu compiled for sm_90, $checked of ${#cpps[@]} .cpp checked, $((SECONDS - start)) s"
