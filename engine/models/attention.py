@@ -72,19 +72,23 @@ class LinearPlan:
     """Whether any LoRA tensor needs a gradient (decides whether x and U = x A^T are saved)."""
 
 
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _merged_weight(weight: torch.Tensor, plan: LinearPlan, lora: Sequence[torch.Tensor], dtype: torch.dtype):
     """W_eff = W + s_t B_t A_t per segment, one rounding per term (addmm accumulates in fp32)."""
     if not plan.terms:
-        return weight.to(dtype)
+        return _as(weight, dtype)
     out = torch.empty(weight.shape, device=weight.device, dtype=dtype)
     written: set[int] = set()
     for t, (seg, scale) in enumerate(plan.terms):
         r0, r1 = plan.segments[seg]
-        a, b = lora[2 * t].to(dtype), lora[2 * t + 1].to(dtype)
+        a, b = _as(lora[2 * t], dtype), _as(lora[2 * t + 1], dtype)
         if seg in written:
             out[r0:r1].addmm_(b, a, alpha=scale)
         else:
-            torch.addmm(weight[r0:r1].to(dtype), b, a, alpha=scale, out=out[r0:r1])
+            torch.addmm(_as(weight[r0:r1], dtype), b, a, alpha=scale, out=out[r0:r1])
             written.add(seg)
     for seg, (r0, r1) in enumerate(plan.segments):
         if seg not in written:
@@ -111,10 +115,10 @@ class LoraLinearFunction(torch.autograd.Function):
         dtype = x.dtype
         x2 = x.reshape(-1, x.shape[-1])
         w = _merged_weight(weight, plan, lora, dtype)
-        y = torch.addmm(bias.to(dtype), x2, w.t()) if bias is not None else x2 @ w.t()
+        y = torch.addmm(_as(bias, dtype), x2, w.t()) if bias is not None else x2 @ w.t()
         u = None
         if plan.lora_grad:
-            u = x2 @ torch.cat([lora[2 * t].to(dtype) for t in range(len(plan.terms))]).t()
+            u = x2 @ torch.cat([_as(lora[2 * t], dtype) for t in range(len(plan.terms))]).t()
         keep_x = plan.lora_grad or weight.requires_grad
         ctx.save_for_backward(x2 if keep_x else None, u, weight, *lora)
         ctx.plan = plan
@@ -133,7 +137,7 @@ class LoraLinearFunction(torch.autograd.Function):
         if needs[1]:
             dx = (dy2 @ _merged_weight(weight, plan, lora, dtype)).view(ctx.x_shape)
         if needs[2]:
-            dw = (dy2.t() @ x2.to(dtype)).to(weight.dtype)
+            dw = _as(dy2.t() @ _as(x2, dtype), weight.dtype)
         if ctx.has_bias and needs[3]:
             db = dy2.sum(0)
         dlora: list[torch.Tensor | None] = [None] * len(lora)
@@ -143,7 +147,7 @@ class LoraLinearFunction(torch.autograd.Function):
                 r0, r1 = plan.segments[seg]
                 a, b = lora[2 * t], lora[2 * t + 1]
                 g = dy2[:, r0:r1]
-                dus.append(g @ b.to(dtype) * scale)
+                dus.append(g @ _as(b, dtype) * scale)
                 rank = a.shape[0]
                 if needs[4 + 2 * t + 1]:
                     dlora[2 * t + 1] = ((g.t() @ u[:, col : col + rank]) * scale).to(b.dtype)
@@ -219,9 +223,8 @@ def _cached_cat(attn: Attention, slot: str, weights: list[torch.Tensor], biases:
     return w, b
 
 
-def _project(attn: Attention, slot: str, mods: Sequence[torch.nn.Module], terms: list, x: torch.Tensor):
-    """x @ [W_q; W_k; W_v]^T + b with every active LoRA folded in (or one module for the out projections)."""
-    bases = [_base_linear(m) for m in mods]
+def _project(attn: Attention, slot: str, bases: Sequence[torch.nn.Module], terms: list, x: torch.Tensor):
+    """x @ [W_q; W_k; W_v]^T + b with every active LoRA folded in (or one base Linear for the out projections)."""
     weights, biases = [m.weight for m in bases], [m.bias for m in bases]
     if len(bases) == 1:
         weight, bias = weights[0], biases[0]
@@ -242,6 +245,18 @@ def _project(attn: Attention, slot: str, mods: Sequence[torch.nn.Module], terms:
     lora_grad = torch.is_grad_enabled() and any(t.requires_grad for t in flat)
     plan = LinearPlan(tuple(segments), tuple(plan_terms), lora_grad)
     return LoraLinearFunction.apply(plan, x, weight, bias, *flat)
+
+
+def project_qkv(attn: Attention, x: torch.Tensor, stream: int = 0) -> torch.Tensor:
+    """The fused q|k|v projection [B, S, 3*inner] of stream 0 (image: to_q/k/v) or 1 (text: add_*_proj)."""
+    mods = [getattr(attn, name) for name in _STREAMS[stream]]
+    terms = []
+    for m in mods:
+        t = lora_terms(m)
+        if isinstance(t, str):
+            raise ValueError(f"no fused projection for {t}")
+        terms.append(t)
+    return _project(attn, f"qkv{stream}", [_base_linear(m) for m in mods], terms, x)
 
 
 # ------------------------------------------------------------------------------------- attention backends
@@ -303,8 +318,11 @@ _NORMS = (("norm_q", "norm_k"), ("norm_added_q", "norm_added_k"))
 class _CallPlan:
     terms: list[list[list]]
     """Per stream, per projection (q, k, v): active LoRA terms (A, B, scale)."""
+    bases: list[list[torch.nn.Linear]]
+    """Per stream, the frozen base Linear of q, k, v."""
     out_terms: list[list]
     """LoRA terms of to_out.0 and (if present) to_add_out."""
+    out_bases: list[torch.nn.Linear]
     norm_flags: list[tuple[bool, bool]]
     norm_weights: list[tuple[torch.Tensor | None, torch.Tensor | None]]
     eps: float
@@ -336,23 +354,24 @@ def _plan_call(
     streams = 1 if encoder_hidden_states is None else 2
     if streams == 2 and (encoder_hidden_states.dtype != dtype or encoder_hidden_states.ndim != 3):
         return "encoder hidden states of another dtype/rank"
-    terms, flags, weights, eps = [], [], [], set()
+    terms, all_bases, flags, weights, eps = [], [], [], [], set()
     for s in range(streams):
         mods = [getattr(attn, name, None) for name in _STREAMS[s]]
         if any(m is None for m in mods):
             return f"missing projection in {_STREAMS[s]}"
-        outs = {_base_linear(m).out_features for m in mods}
-        if len(outs) != 1:
+        bases = [_base_linear(m) for m in mods]
+        if len({b.out_features for b in bases}) != 1:
             return "q, k, v of different widths"
         stream_terms = []
-        for m in mods:
+        for m, base in zip(mods, bases):
             t = lora_terms(m)
             if isinstance(t, str):
                 return t
-            if _base_linear(m).weight.dtype != dtype:
-                return f"projection weight dtype {_base_linear(m).weight.dtype} != activations {dtype}"
+            if base.weight.dtype != dtype:
+                return f"projection weight dtype {base.weight.dtype} != activations {dtype}"
             stream_terms.append(t)
         terms.append(stream_terms)
+        all_bases.append(bases)
         norms = [getattr(attn, name, None) for name in _NORMS[s]]
         for norm in norms:
             reason = _check_norm(norm, dtype)
@@ -367,15 +386,17 @@ def _plan_call(
     out_mods = [attn.to_out[0]]
     if streams == 2 and not attn.context_pre_only:
         out_mods.append(attn.to_add_out)
-    out_terms = []
+    out_terms, out_bases = [], []
     for m in out_mods:
         t = lora_terms(m)
         if isinstance(t, str):
             return t
-        if _base_linear(m).weight.dtype != dtype:
+        base = _base_linear(m)
+        if base.weight.dtype != dtype:
             return "output projection dtype differs from activations"
         out_terms.append(t)
-    return _CallPlan(terms, out_terms, flags, weights, eps.pop() if eps else 1e-6)
+        out_bases.append(base)
+    return _CallPlan(terms, all_bases, out_terms, out_bases, flags, weights, eps.pop() if eps else 1e-6)
 
 
 def _qk_norm_torch(*args, **kwargs):
@@ -414,10 +435,7 @@ class FusedJointAttnProcessor:
             return self.reference(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
         batch, s_img = hidden_states.shape[:2]
         inputs = [hidden_states] if encoder_hidden_states is None else [hidden_states, encoder_hidden_states]
-        ys = [
-            _project(attn, f"qkv{s}", [getattr(attn, n) for n in _STREAMS[s]], plan.terms[s], x)
-            for s, x in enumerate(inputs)
-        ]
+        ys = [_project(attn, f"qkv{s}", plan.bases[s], plan.terms[s], x) for s, x in enumerate(inputs)]
         inner = ys[0].shape[-1] // 3
         q, k, v = dispatch.resolve("qk_rmsnorm")(
             ys,
@@ -429,13 +447,13 @@ class FusedJointAttnProcessor:
             plan.eps,
         )
         o = attention_bshd(q, k, v, self.backend).reshape(batch, -1, inner)
-        img = _project(attn, "out", [attn.to_out[0]], [plan.out_terms[0]], o[:, :s_img])
+        img = _project(attn, "out", plan.out_bases[:1], plan.out_terms[:1], o[:, :s_img])
         img = attn.to_out[1](img)
         if encoder_hidden_states is None:
             return img
         txt = o[:, s_img:]
         if not attn.context_pre_only:
-            txt = _project(attn, "add_out", [attn.to_add_out], [plan.out_terms[1]], txt)
+            txt = _project(attn, "add_out", plan.out_bases[1:], plan.out_terms[1:], txt)
         return img, txt
 
 
