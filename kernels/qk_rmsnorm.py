@@ -482,8 +482,9 @@ class JointQKRMSNormFunction(torch.autograd.Function):
     Backward of y = x_hat * w, x_hat = x * r, r = (mean_j x_j^2 + eps)^(-1/2) over the D dims of one head:
     with g' = g * w,  dL/dx_j = g'_j r + sum_i g'_i x_i (-r^3 x_j / D) = r (g'_j - x_hat_j * mean_i(g'_i x_hat_i)),
     dL/dw = sum over tokens and heads of g * x_hat.  v is a copy, so dv flows through unchanged.
-    Only the inputs are saved (r is recomputed from them: 64 dims per head row), no fp32 intermediates,
-    where the diffusers composition saves fp32 copies of q and k.
+    Only the stream projections are saved (r is recomputed from them: 64 dims per head row): 3 units of
+    N x inner in the activation dtype per stream, where the diffusers composition saves ~8 (q and k, their
+    fp32 upcasts at twice the size, and the bf16 x_hat of each).
     """
 
     @staticmethod
