@@ -151,3 +151,13 @@ def test_batched_field_evaluator_trains_like_the_reference(tmp_path: Path) -> No
     for a, b in zip(ref, bat):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-3)
+
+
+def test_fused_attention_with_batched_fields_trains_like_the_reference(tmp_path: Path) -> None:
+    """Fused attention + segmented multi-LoRA together: per-row adapters must survive the fused processor."""
+    _, ref = run(tmp_path / "ref", ["train.steps=2", "train.save_every=0"])
+    _, fast = run(tmp_path / "fast", ["model.attention='fused'", "opd.evaluator='batched'", "train.steps=2",
+                                      "train.save_every=0"])
+    for a, b in zip(ref, fast):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-3)

@@ -363,6 +363,9 @@ def _plan_call(
         mods = [getattr(attn, name, None) for name in _STREAMS[s]]
         if any(m is None for m in mods):
             return f"missing projection in {_STREAMS[s]}"
+        if any(getattr(getattr(m, "_mlora", None), "batch", None) is not None for m in mods):
+            # a segmented multi-LoRA forward gives each row its own adapter: the projections must run per row
+            return "segmented multi-LoRA batch (per-row adapters)"
         bases = [_base_linear(m) for m in mods]
         if len({b.out_features for b in bases}) != 1:
             return "q, k, v of different widths"
