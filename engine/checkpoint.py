@@ -65,6 +65,39 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+SUMS = "SHA256SUMS"
+
+
+def write_sha256sums(directory: str | Path, names: list[str] | None = None) -> Path:
+    """Write `SHA256SUMS` (the `sha256sum` format, so `sha256sum -c SHA256SUMS` checks it too) for `names` (default:
+    every file in `directory`), so shipped weights and exported adapters can be verified when loaded."""
+    directory = Path(directory)
+    names = names or sorted(p.name for p in directory.iterdir() if p.is_file() and p.name != SUMS)
+    path = directory / SUMS
+    write_atomic(path, "".join(f"{_sha256(directory / n)}  {n}\n" for n in names))
+    return path
+
+
+def verify_sha256sums(directory: str | Path, only: str | None = None) -> list[str]:
+    """Problems (each naming the file) with the files listed in `directory/SHA256SUMS`; [] when all match or
+    there is no such file. `only` restricts the check to one listed file name."""
+    directory = Path(directory)
+    sums = directory / SUMS
+    if not sums.is_file():
+        return []
+    problems = []
+    for line in sums.read_text().splitlines():
+        digest, _, name = line.strip().partition("  ")
+        if not name or (only is not None and name != only):
+            continue
+        f = directory / name
+        if not f.is_file():
+            problems.append(f"{f} is listed in {sums} but missing")
+        elif _sha256(f) != digest:
+            problems.append(f"{f} is corrupt: its sha256 differs from {sums}")
+    return problems
+
+
 def tag_for(step: int) -> str:
     return f"step_{step:08d}"
 

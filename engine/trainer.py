@@ -83,6 +83,25 @@ def dist_timeout() -> datetime.timedelta:
     return datetime.timedelta(seconds=seconds)
 
 
+def _apply_timeout_to_all_groups(timeout: datetime.timedelta) -> None:
+    """Give every process group the run's timeout. DeepSpeed reduces gradients over groups it creates with
+    `dist.new_group`, which take torch's backend default (30 min for gloo), not the world group's timeout:
+    measured, a stuck peer held the other rank in ZeRO's gradient all-reduce past a 15 s world timeout."""
+    import torch.distributed as dist
+    from torch.distributed import distributed_c10d as c10d
+
+    try:
+        groups = list(c10d._world.pg_map)
+        for group in groups:
+            c10d._set_pg_timeout(timeout, group)
+    except (AttributeError, RuntimeError, ValueError) as exc:  # private torch API: degrade to its defaults
+        log.warning("could not set the %s s timeout on DeepSpeed's process groups (%s); a stuck rank may "
+                    "block the others for torch's default timeout", timeout.total_seconds(), exc)
+    else:
+        if dist.get_world_size() > 1:
+            log.info("collective timeout %g s on %d process groups", timeout.total_seconds(), len(groups))
+
+
 def _init_distributed() -> tuple[int, int, int]:
     """(rank, world size, local rank); a plain `python engine/train.py` becomes a 1-process group."""
     import deepspeed
@@ -158,6 +177,8 @@ class Trainer:
         )
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                     config=self._deepspeed_config())
+        if self.world > 1:
+            _apply_timeout_to_all_groups(dist_timeout())
         self.model = self.engine.module
         self.model.eval()  # SD3 has no dropout; eval() keeps peft's lora_dropout (0) and norms inert
         self.uncond = self.embeddings.uncond.to(self.device)
