@@ -42,6 +42,11 @@ class MetricsWriter:
         self._pending += (json.dumps(clean, sort_keys=True) + "\n").encode()
         self._flush()
 
+    def flush(self) -> bool:
+        """Retry unwritten bytes now; True when every line written so far is in the file."""
+        self._flush()
+        return not self._pending
+
     def _flush(self) -> None:
         try:
             while self._pending:

@@ -518,6 +518,9 @@ class Trainer:
                     fault.hit("ckpt.saved", next_step)
             except OSError as exc:
                 error = exc
+            if error is None and self.metrics is not None and not self.metrics.flush():
+                # a checkpoint never gets ahead of metrics.jsonl: a resume from it would lose those lines
+                error = OSError(f"lines of {self.metrics.path} are not on disk yet")
             ok = self._all_ranks(error is None)
             if ok and self.rank == 0:
                 try:

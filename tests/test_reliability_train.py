@@ -227,3 +227,22 @@ def test_repeated_save_failures_stop_the_run(tmp_path: Path, monkeypatch: pytest
         run(tmp_path / "run", ["train.save_every=1"])
     assert not list((tmp_path / "run" / "checkpoints").glob("step_*"))  # nothing half-written left behind
     assert read_metrics(tmp_path / "run" / "metrics.jsonl")[-1]["step"] == 2
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (a device that is always full)")
+def test_full_disk_for_metrics_loses_no_line_and_holds_back_the_checkpoint(tmp_path: Path, reference: Path) -> None:
+    trainer = make(tmp_path / "run")
+    real_fd = trainer.metrics._fd
+    trainer.metrics._fd = os.open("/dev/full", os.O_WRONLY)  # every write: ENOSPC, a genuinely full disk
+    for step in (0, 1):
+        trainer.metrics.write(trainer.train_step(step))
+    assert not trainer.save_checkpoint(2)  # would get ahead of metrics.jsonl: not written, retried later
+    os.close(trainer.metrics._fd)
+    trainer.metrics._fd = real_fd  # space was freed
+    for step in (2, 3):
+        trainer.metrics.write(trainer.train_step(step))
+    assert trainer.save_checkpoint(4)
+    trainer.close()
+    out = tmp_path / "run"
+    assert [p.name for p in (out / "checkpoints").iterdir() if p.is_dir()] == ["step_00000004"]
+    assert_same_run(out, reference, steps=4)
