@@ -37,7 +37,8 @@ def _native_extensions() -> tuple[list, dict]:
     ext = CUDAExtension(
         name="flowopd_native",
         sources=sources,
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-std=c++17"]},
+        # torch 2.13 headers need C++20; no --use_fast_math: the noise uses the precise logf/sincospif
+        extra_compile_args={"cxx": ["-O3", "-std=c++20"], "nvcc": ["-O3", "-std=c++20"]},
     )
     return [ext], {"build_ext": BuildExtension}
 

@@ -136,8 +136,8 @@ class Trainer:
         self.out = Path(c.output_dir)
         self.timer = PhaseTimer(self.device)
         dispatch.set_backend("*", c.kernels.default)
-        dispatch.set_backend("sde_step", c.kernels.sde_step)
-        dispatch.set_backend("ode_step", c.kernels.sde_step)
+        for op in ("sde_step", "ode_step", "sde_step_indexed", "ode_step_indexed"):
+            dispatch.set_backend(op, c.kernels.sde_step)
         self.faults = faults.from_env(self.rank)  # None unless a reliability test injects faults
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)

@@ -135,10 +135,19 @@ def test_grad_accumulation_equals_a_larger_batch(tmp_path: Path) -> None:
     ["opd.routing='step'", "opd.weights={compose = 1.0, base = 0.5}"],
     ["opd.routing='epoch'", "opd.epoch_steps=1", "init.merge='average'"],
     ["opd.evaluator='reference'", "model.dtype='bfloat16'"],
-], ids=["kl_only", "danceopd_mse_ode", "step_routing", "epoch_routing", "bf16"])
+    ["opd.evaluator='batched'"],
+], ids=["kl_only", "danceopd_mse_ode", "step_routing", "epoch_routing", "bf16", "batched_fields"])
 def test_method_variants_train(tmp_path: Path, overrides: list[str]) -> None:
     _, rows = run(tmp_path / "r", [*overrides, "train.steps=2", "train.save_every=0"])
     assert len(rows) == 2
     assert all(r["skipped"] is False and r["loss"] == r["loss"] for r in rows)
     if "opd.routing='epoch'" in overrides:
         assert set(rows[0]) & {"field/compose", "field/text"} != set(rows[1]) & {"field/compose", "field/text"}
+
+
+def test_batched_field_evaluator_trains_like_the_reference(tmp_path: Path) -> None:
+    _, ref = run(tmp_path / "ref", ["opd.evaluator='reference'", "train.steps=3", "train.save_every=0"])
+    _, bat = run(tmp_path / "bat", ["opd.evaluator='batched'", "train.steps=3", "train.save_every=0"])
+    for a, b in zip(ref, bat):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-3)

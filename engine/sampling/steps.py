@@ -1,5 +1,8 @@
 """Denoising steps of the rollout (DESIGN §1), reference implementations + the dispatch point.
 
+The triton/cuda backends (kernels/sde_step.py, kernels/ode_step.py, csrc/) register in kernel_backends.py;
+`sde_step_indexed` / `ode_step_indexed` below are the graph-capturable forms (sigmas indexed on the device).
+
 Conventions: sigma runs 1 -> 0, `x_sigma = (1 - sigma) x_data + sigma eps`, velocity `v ~ eps - x_data`.
 `sigma`/`sigma_next` may be Python floats, 0-d tensors, or per-sample tensors of shape [B] (query states
 of one batch sit at different steps). Math runs in float32 (float64 in tests); `sample`/`mean` come back in
@@ -8,6 +11,7 @@ the dtype of `x`, `log_prob` as float32 [B].
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -15,6 +19,7 @@ import torch
 
 from engine import dispatch
 
+log = logging.getLogger(__name__)
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 
@@ -23,7 +28,7 @@ class SDEStepOutput:
     sample: torch.Tensor
     """x' = mu + s sqrt(-dt) eps, dtype of x."""
     mean: torch.Tensor
-    """mu, the transition mean, dtype of x."""
+    """mu, the transition mean, dtype of x (None from sde_step_indexed(return_mean=False))."""
     log_prob: torch.Tensor
     """log p(x'|x), mean over the non-batch dims, float32 [B]."""
     std: torch.Tensor
@@ -126,3 +131,68 @@ def ode_step(*args, **kwargs) -> torch.Tensor:
 def cfg_combine(v_uncond: torch.Tensor, v_cond: torch.Tensor, scale: float) -> torch.Tensor:
     """CFG combination through the dispatch point."""
     return dispatch.resolve("cfg_combine")(v_uncond, v_cond, scale)
+
+
+def sde_step_indexed(
+    x: torch.Tensor,
+    v: torch.Tensor | None,
+    sigmas: torch.Tensor,
+    step: torch.Tensor,
+    noise_level: float,
+    *,
+    v_uncond: torch.Tensor | None = None,
+    v_cond: torch.Tensor | None = None,
+    guidance: float = 1.0,
+    noise: torch.Tensor | None = None,
+    prev_sample: torch.Tensor | None = None,
+    seed: int | torch.Tensor = 0,
+    offset: int | torch.Tensor = 0,
+    return_mean: bool = True,
+    out: torch.Tensor | None = None,
+) -> SDEStepOutput:
+    """The SDE step with sigmas read on the device: no host sync, capturable in a CUDA graph (triton/cuda).
+
+    sigma = sigmas[step], sigma_next = sigmas[step + 1], sigma_1 = sigmas[1] (the schedule's second sigma).
+    - x [B, ...] float32/bf16/fp16; v of x's shape, or v=None with v_uncond, v_cond and `guidance` (CFG fused:
+      v = v_u + g (v_c - v_u)); sigmas float32 [S+1] on x's device (flow_match_sigmas(...).to(device));
+      step int32/int64 on x's device, 1 element (all rows at the same step) or [B] (per-row steps).
+    - x' = prev_sample when given (re-scoring a stored transition), else mu + std * noise when `noise` is given,
+      else mu + std * z with z the Philox stream of kernels/philox.py keyed by `seed` (int, or int64 tensor of 1
+      element or [B] = one seed per row) and `offset` (int or 1-element int64 tensor, e.g. the step number).
+      Device-tensor seeds let a replayed graph draw new noise after `seed.copy_(...)`.
+    - return_mean=False skips writing mu (mean is then None); out (no-grad only) receives x' and may be x.
+    Returns SDEStepOutput(sample, mean, log_prob float32 [B], std = s float32 [B]); gradients reach x, v, v_u, v_c.
+    """
+    r = dispatch.resolve("sde_step_indexed")(
+        x, v, sigmas, step, noise_level, v_uncond=v_uncond, v_cond=v_cond, guidance=guidance, noise=noise,
+        prev_sample=prev_sample, seed=seed, offset=offset, return_mean=return_mean, out=out)
+    return SDEStepOutput(sample=r.sample, mean=r.mean, log_prob=r.log_prob, std=r.std)
+
+
+def ode_step_indexed(
+    x: torch.Tensor,
+    v: torch.Tensor | None,
+    sigmas: torch.Tensor,
+    step: torch.Tensor,
+    *,
+    v_uncond: torch.Tensor | None = None,
+    v_cond: torch.Tensor | None = None,
+    guidance: float = 1.0,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Euler step x + (sigmas[step + 1] - sigmas[step]) v, graph-capturable; arguments as in sde_step_indexed."""
+    return dispatch.resolve("ode_step_indexed")(
+        x, v, sigmas, step, v_uncond=v_uncond, v_cond=v_cond, guidance=guidance, out=out)
+
+
+def _register_kernel_backends() -> None:
+    """The triton/cuda backends; their module imports no kernel code, so this cannot fail on a CPU machine."""
+    try:
+        from engine.sampling import kernel_backends
+    except ImportError as e:  # pragma: no cover - only a broken checkout gets here
+        log.warning("flowopd: kernel backends not registered (%s); the torch reference is used", e)
+        return
+    kernel_backends.register_all()
+
+
+_register_kernel_backends()
