@@ -507,7 +507,7 @@ def validate(c: Config) -> list[str]:
         p.append(f"opd.anchor = {o.anchor!r}: unknown field; valid: {', '.join(field_names) or '(none)'}")
     if o.beta < 0:
         p.append(f"opd.beta = {o.beta}; must be >= 0")
-    if o.query_states < 0 or (r.steps >= 2 and o.query_states > r.steps - 1):
+    if o.query_states < 0 or o.query_states > max(r.steps - 1, 1):
         p.append(f"opd.query_states = {o.query_states}; must be 0 (dense) or 1..{max(r.steps - 1, 1)}")
     if o.student_cfg < 0:
         p.append(f"opd.student_cfg = {o.student_cfg}; must be >= 0")

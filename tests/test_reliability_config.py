@@ -5,12 +5,14 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
 import tempfile
 import typing
 from pathlib import Path
 
 import pytest
+import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
@@ -104,19 +106,25 @@ BAD_VALUES: dict[str, st.SearchStrategy[str]] = {
 
 
 @st.composite
-def mutation(draw: st.DrawFn) -> tuple[str, str]:
-    """(dotted key the message must name, `--set` assignment): a wrong type, an impossible value or a typo."""
+def mutation(draw: st.DrawFn) -> tuple[str, str, str]:
+    """(dotted key the message must name, `--set` assignment, kind): a wrong type, an impossible value or a typo."""
     kind = draw(st.sampled_from(["type", "value", "unknown"]))
     if kind == "unknown":
         section = draw(st.sampled_from(["", "model.", "student.", "rollout.", "opd.", "train.", "kernels."]))
         name = draw(st.from_regex(r"[a-z][a-z_]{2,10}", fullmatch=True).filter(
             lambda n: f"{section}{n}" not in KEYS and section + n not in ("model", "student", "rollout", "opd")))
-        return f"{section}{name}", f"{section}{name}=1"
+        return f"{section}{name}", f"{section}{name}=1", kind
     if kind == "value":
         key = draw(st.sampled_from(sorted(BAD_VALUES)))
-        return key, f"{key}={draw(BAD_VALUES[key])}"
+        return key, f"{key}={draw(BAD_VALUES[key])}", kind
     key = draw(st.sampled_from(sorted(KEYS)))
-    return key, f"{key}={draw(wrong_type(KEYS[key]))}"
+    return key, f"{key}={draw(wrong_type(KEYS[key]))}", kind
+
+
+# an impossible value of these keys is judged against others (query_states against rollout.steps, ...): when one
+# of those is broken too, the check cannot know the intended value, so it is only required to reject the config
+DEPENDS = {"opd.query_states": {"rollout.steps"}, "model.latent_size": {"model.preset", "model.path"},
+           "rollout.noise_level": {"rollout.sampler"}}
 
 
 def _named(key: str, text: str) -> bool:
@@ -126,13 +134,17 @@ def _named(key: str, text: str) -> bool:
     return key in text
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=10 * int(os.environ.get("FLOWOPD_HYPOTHESIS_EXAMPLES", "15")), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(mutation(), min_size=1, max_size=4, unique_by=lambda m: m[0]))
-def test_every_invalid_config_is_rejected_naming_each_bad_key(mutations: list[tuple[str, str]]) -> None:
+def test_every_invalid_config_is_rejected_naming_each_bad_key(mutations: list[tuple[str, str, str]]) -> None:
     with pytest.raises(ConfigError) as err:
         load_config(TINY, [m[1] for m in mutations])
     text = str(err.value)
-    for key, assignment in mutations:
+    mutated = {m[0] for m in mutations}
+    for key, assignment, kind in mutations:
+        if kind == "value" and DEPENDS.get(key, set()) & mutated:
+            continue
         assert _named(key, text), f"{assignment!r} not named in:\n{text}"
 
 
@@ -157,6 +169,16 @@ def test_environment_checks_name_the_key() -> None:
         assert "model.dtype = 'float16' needs a CUDA device" in text
     assert "data.prompts = 'builtin:nothing': unknown builtin prompt set" in text
     assert "init.merge = 'average' averages A and B, so merged teachers need student.rank = 4: compose_expert" in text
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny shapes: one intra-op thread is ~10x faster than two on a shared 2-core machine (measured 0.06 s vs
+    0.8 s per step under load), and every run compared here uses the same count, so bit-exactness holds."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 # --------------------------------------------------------------------------------- valid configs start
@@ -207,7 +229,9 @@ def config_overrides(draw: st.DrawFn) -> list[str]:
     return out
 
 
-@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# FLOWOPD_HYPOTHESIS_EXAMPLES=300 for a deeper search (about 0.15 s per example with one thread)
+@settings(max_examples=int(os.environ.get("FLOWOPD_HYPOTHESIS_EXAMPLES", "15")), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
 @given(config_overrides())
 def test_every_accepted_config_starts_and_takes_a_step(overrides: list[str]) -> None:
     from engine.trainer import Trainer
