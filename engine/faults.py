@@ -10,8 +10,9 @@ points (in the order they happen):
   step.end        after step <step>'s optimizer update, before its metrics line is written
   step.logged     after step <step>'s metrics line, before a checkpoint that follows it
   ckpt.write      checkpoint <step> (the step it resumes at): DeepSpeed is writing `<tag>.partial`
-                  (action `enospc` makes its optimizer-state file write fail, as a full disk would; rank 0
-                  has written the module-state file by then)
+                  (action `enospc` makes its optimizer-state file write fail: torch.save into /dev/full, the
+                  error a full disk gives (a RuntimeError from torch's zip writer), after a truncated file is
+                  left in place; rank 0 has written the module-state file by then)
   ckpt.saved      every rank's DeepSpeed files are in `<tag>.partial`; no manifest yet
   ckpt.manifest   the manifest is written into `<tag>.partial`; not yet renamed
   ckpt.renamed    `<tag>.partial` was renamed to `<tag>`; `latest.json` still names the previous one
@@ -31,6 +32,7 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 ENV = "FLOWOPD_FAULT"
@@ -91,9 +93,12 @@ class FaultInjector:
             return save
 
         def failing_save(state_dict: Any, path: str) -> Any:
-            if "optim_states" in str(path):
-                raise _enospc(f"ckpt.write@{step} {path}")
-            return save(state_dict, path)
+            if "optim_states" not in str(path):
+                return save(state_dict, path)
+            if os.path.exists("/dev/full"):  # the genuine error: torch.save into a full device
+                Path(path).write_bytes(b"PK\x03\x04")  # what a full disk leaves: the start of the zip
+                return save(state_dict, "/dev/full")
+            raise _enospc(f"ckpt.write@{step} {path}")
 
         return failing_save
 

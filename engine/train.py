@@ -85,9 +85,9 @@ def _fail(exc: Exception, output_dir: str) -> int:
     if not isinstance(exc, _expected_errors()):
         traceback.print_exc()
     text = str(exc)
-    if world > 1 and _is_collective_failure(exc):
-        from engine.trainer import dist_timeout
+    from engine.trainer import dist_timeout, is_collective_error
 
+    if world > 1 and is_collective_error(exc):
         text = (f"communication with another rank failed ({text.splitlines()[0] if text else type(exc).__name__}). "
                 f"Another rank probably died or is stuck (collective timeout {dist_timeout().total_seconds():g} s, "
                 f"FLOWOPD_DIST_TIMEOUT); see its log. Re-run the same command to resume from the newest complete "
@@ -97,17 +97,6 @@ def _fail(exc: Exception, output_dir: str) -> int:
         sys.stdout.flush()
         os._exit(1)
     return 1
-
-
-def _is_collective_failure(exc: BaseException) -> bool:
-    import torch.distributed as dist
-
-    if isinstance(exc, dist.DistError):
-        return True
-    text = str(exc)
-    return isinstance(exc, RuntimeError) and any(
-        s in text for s in ("gloo", "NCCL", "Connection reset", "Connection closed", "Timed out", "timed out")
-    )
 
 
 if __name__ == "__main__":

@@ -102,6 +102,18 @@ def _apply_timeout_to_all_groups(timeout: datetime.timedelta) -> None:
             log.info("collective timeout %g s on %d process groups", timeout.total_seconds(), len(groups))
 
 
+def is_collective_error(exc: BaseException) -> bool:
+    """A failed or timed-out collective (as opposed to, e.g., a failed file write)."""
+    import torch.distributed as dist
+
+    if isinstance(exc, dist.DistError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(
+        s in text for s in ("gloo", "NCCL", "Connection reset", "Connection closed", "Timed out", "timed out")
+    )
+
+
 def _init_distributed() -> tuple[int, int, int]:
     """(rank, world size, local rank); a plain `python engine/train.py` becomes a 1-process group."""
     import deepspeed
@@ -300,7 +312,7 @@ class Trainer:
             dist.broadcast_object_list(box, src=0)
             found = box[0]
         if found is not None and found[1].get("resume_digest") != _resume_digest(self.config):
-            raise RuntimeError(
+            raise CheckpointError(
                 f"checkpoint {found[0]} was written with a different model/student config; resume it with the "
                 f"same [model] and [student] settings (see {self.out / 'config.toml'}) or use a new --output-dir"
             )
@@ -505,7 +517,9 @@ class Trainer:
                 self.engine.save_checkpoint(str(root), tag=f"{tag}.partial", save_latest=False,
                                             exclude_frozen_parameters=True,
                                             client_state={"step": next_step, "nonfinite_streak": self.nonfinite_streak})
-            except OSError as exc:
+            except (OSError, RuntimeError) as exc:  # torch.save into a full disk raises RuntimeError ("unexpected pos")
+                if is_collective_error(exc):
+                    raise
                 # every file write sits between DeepSpeed's opening collectives and its closing barrier, so the
                 # failed rank stands in for that barrier and the ranks stay in step
                 error = exc
@@ -538,8 +552,8 @@ class Trainer:
             discard_partial(root, tag)
             newest = complete_checkpoints(root)
             kept = str(newest[0]) if newest else "none yet"
-        what = f"checkpoint {tag} could not be written ({error or 'failed on another rank'}); newest complete " \
-               f"checkpoint: {kept}"
+        cause = f"disk full or I/O error? {type(error).__name__}: {error}" if error else "failed on another rank"
+        what = f"checkpoint {tag} could not be written ({cause}); newest complete checkpoint: {kept}"
         if final or self.save_failures >= MAX_SAVE_FAILURES:
             raise CheckpointError(f"{what}. {self.save_failures} failed save(s) in a row; stopping. Free space or "
                                   f"fix {root}, then re-run the same command to resume from the kept checkpoint")

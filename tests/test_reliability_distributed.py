@@ -76,7 +76,7 @@ def test_dead_rank_stops_the_other_clearly_and_its_checkpoint_resumes_on_one_ran
     assert "error: rank 0/2: communication with another rank failed" in log0
     assert "Another rank probably died or is stuck" in log0 and "Re-run the same command to resume" in log0
     # checkpoint 1 failed on rank 1 only: both ranks agreed, discarded it and carried on
-    assert "checkpoint step_00000001 could not be written ([Errno 28] No space left on device" in log1
+    assert "checkpoint step_00000001 could not be written (disk full or I/O error? RuntimeError:" in log1
     assert "checkpoint step_00000001 could not be written (failed on another rank)" in log0
     ckpts = sorted(p.name for p in (out / "checkpoints").iterdir() if p.is_dir())
     assert ckpts == ["step_00000002", "step_00000003"]

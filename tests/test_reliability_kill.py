@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -43,19 +44,19 @@ def environment(fault: str | None = None) -> dict[str, str]:
     return env
 
 
-def launch(out: Path, fault: str | None = None, kill_after: float | None = None,
-           marker: str = "") -> tuple[int, str]:
-    """Run the training command once; with `kill_after`, SIGKILL it that many seconds after `marker` appeared in
-    its output (after the start when empty). Returns (return code, output)."""
+def launch(out: Path, fault: str | None = None, kill_when: Callable[[], bool] | None = None,
+           delay: float = 0.0) -> tuple[int, str]:
+    """Run the training command once; with `kill_when`, SIGKILL it `delay` seconds after that predicate (polled
+    every 5 ms) first holds. Returns (return code, output)."""
     log = out.parent / f"{out.name}.log"
     with open(log, "w") as fh:
         proc = subprocess.Popen(command(out), env=environment(fault), stdout=fh, stderr=subprocess.STDOUT)
-        if kill_after is not None:
+        if kill_when is not None:
             deadline = time.monotonic() + 300
-            while marker and marker not in log.read_text() and proc.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.02)
+            while not kill_when() and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.005)
             try:
-                proc.wait(timeout=kill_after)
+                proc.wait(timeout=delay)
             except subprocess.TimeoutExpired:
                 proc.send_signal(signal.SIGKILL)
         try:
@@ -122,19 +123,26 @@ def test_sigkill_anywhere_then_rerun_equals_an_uninterrupted_run(tmp_path: Path)
         assert resumed_from(text) == resumed, context
         assert logged_steps(out) == steps, context
         assert says in text, context
-    # SIGKILL from outside at random moments: once during start-up/resume, then twice while training (steps 6-11,
-    # checkpoints 8, 10, 12, the export: wherever it lands)
-    for marker, low, high in (("", 2.0, 8.0), ("opd:", 0.0, 1.0), ("opd:", 0.0, 1.0)):
+    # SIGKILL from outside at random moments: once during start-up/resume, then three times while training, each
+    # shortly after the metrics line of a random step appeared (inside a step, a checkpoint write, the export...)
+    def started() -> bool:
+        return True
+
+    def logged(step: int) -> Callable[[], bool]:  # by this launch: after its resume rewrote metrics.jsonl
+        log = out.parent / f"{out.name}.log"
+        return lambda: "opd:" in log.read_text() and step in logged_steps(out)
+
+    for trigger, what, delay in [(started, "start", rnd.uniform(0.5, 6.0))] + [
+            (logged(t), f"metrics line {t}", rnd.uniform(0.0, 0.12)) for t in sorted(rnd.sample(range(6, STEPS), 3))]:
         before = tags(out)
-        delay = rnd.uniform(low, high)
-        rc, text = launch(out, kill_after=delay, marker=marker)
-        context = f"seed {seed}, kill {delay:.2f} s after {marker or 'start'!r}: rc={rc}\n{text[-3000:]}"
+        rc, text = launch(out, kill_when=trigger, delay=delay)
+        context = f"seed {seed}, kill {delay:.2f} s after {what}: rc={rc}\n{text[-3000:]}"
         assert rc in (0, -signal.SIGKILL), context
         found = resumed_from(text)
         if found is not None:  # only ever a complete checkpoint, the newest one there was
             assert found == (f"step_{before[-1]:08d}", before[-1]), context
         steps = logged_steps(out)
-        print(f"random kill {delay:.2f} s after {marker or 'start'!r}: rc {rc}, resumed {found}, checkpoints "
+        print(f"random kill {delay:.2f} s after {what}: rc {rc}, resumed {found}, checkpoints "
               f"{before} -> {tags(out)}, {len(steps)} steps logged")
         assert steps == sorted(set(steps)) == list(range(len(steps))), context
     rc, text = launch(out)
