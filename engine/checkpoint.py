@@ -5,6 +5,10 @@ into `<root>/<tag>.partial/`; after every rank has finished, rank 0 fsyncs the f
 their sizes and sha256, renames the dir to `<root>/<tag>/` (atomic on POSIX) and only then points
 `<root>/latest.json` at it (temp file + fsync + rename). A kill at any moment leaves either the previous
 pointer or the new one, each naming a complete, verified checkpoint.
+
+Resuming takes the newest checkpoint whose files match its manifest (`find_resumable`); one that does not is
+renamed `<tag>.corrupt` (kept for inspection, never loaded again) and the next older one is tried. Leftovers of
+an interrupted write or prune (`*.partial`, `*.deleting`, temp files) are never loaded and are removed at start.
 """
 
 from __future__ import annotations
@@ -13,7 +17,11 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
+import subprocess
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +29,10 @@ log = logging.getLogger(__name__)
 
 POINTER = "latest.json"
 MANIFEST = "manifest.json"
+_TAG = re.compile(r"^step_\d{8}$")
+# Bytes per trainable parameter in a ZeRO checkpoint: the module copy (<= 4) + fp32 master (4) + Adam's two
+# moments (8); measured 131 kB for the tiny preset's 4864 student parameters + 2 x ~30 kB of pickle overhead.
+BYTES_PER_PARAM = 16
 
 
 class CheckpointError(RuntimeError):
@@ -53,26 +65,75 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+SUMS = "SHA256SUMS"
+
+
+def write_sha256sums(directory: str | Path, names: list[str] | None = None) -> Path:
+    """Write `SHA256SUMS` (the `sha256sum` format, so `sha256sum -c SHA256SUMS` checks it too) for `names` (default:
+    every file in `directory`), so shipped weights and exported adapters can be verified when loaded."""
+    directory = Path(directory)
+    names = names or sorted(p.name for p in directory.iterdir() if p.is_file() and p.name != SUMS)
+    path = directory / SUMS
+    write_atomic(path, "".join(f"{_sha256(directory / n)}  {n}\n" for n in names))
+    return path
+
+
+def verify_sha256sums(directory: str | Path, only: str | None = None) -> list[str]:
+    """Problems (each naming the file) with the files listed in `directory/SHA256SUMS`; [] when all match or
+    there is no such file. `only` restricts the check to one listed file name."""
+    directory = Path(directory)
+    sums = directory / SUMS
+    if not sums.is_file():
+        return []
+    problems = []
+    for line in sums.read_text().splitlines():
+        digest, _, name = line.strip().partition("  ")
+        if not name or (only is not None and name != only):
+            continue
+        f = directory / name
+        if not f.is_file():
+            problems.append(f"{f} is listed in {sums} but missing")
+        elif _sha256(f) != digest:
+            problems.append(f"{f} is corrupt: its sha256 differs from {sums}")
+    return problems
+
+
 def tag_for(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def finalize(root: Path, tag: str, meta: dict[str, Any], keep: int) -> Path:
-    """Rank 0, after all ranks saved into `<tag>.partial`: manifest, fsync, rename, pointer, prune."""
+def finalize(root: Path, tag: str, meta: dict[str, Any], keep: int,
+             hook: Callable[[str], None] | None = None) -> Path:
+    """Rank 0, after all ranks saved into `<tag>.partial`: manifest, fsync, rename, pointer, prune.
+
+    `hook(point)` runs between the phases (fault injection in tests: `engine/faults.py`)."""
     partial, final = root / f"{tag}.partial", root / tag
+    if not partial.is_dir() or not any(partial.iterdir()):
+        raise CheckpointError(f"checkpoint {partial} is missing or empty after DeepSpeed's save")
     files = {}
     for f in sorted(p for p in partial.rglob("*") if p.is_file()):
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
         files[str(f.relative_to(partial))] = {"bytes": f.stat().st_size, "sha256": _sha256(f)}
     write_atomic(partial / MANIFEST, json.dumps({"tag": tag, "meta": meta, "files": files}, indent=1))
-    if final.exists():
-        shutil.rmtree(final)
+    if hook is not None:
+        hook("ckpt.manifest")
+    if final.exists():  # a same-step checkpoint from before a fallback: moved aside, then deleted
+        _remove(final)
     os.replace(partial, final)
     _fsync_dir(root)
+    if hook is not None:
+        hook("ckpt.renamed")
     write_atomic(root / POINTER, json.dumps({"tag": tag, **meta}))
+    if hook is not None:
+        hook("ckpt.pointer")
     prune(root, keep)
     return final
+
+
+def discard_partial(root: Path, tag: str) -> None:
+    """Remove what a failed save left in `<tag>.partial` (never loaded either way)."""
+    shutil.rmtree(root / f"{tag}.partial", ignore_errors=True)
 
 
 def verify(ckpt: Path) -> dict[str, Any]:
@@ -80,9 +141,13 @@ def verify(ckpt: Path) -> dict[str, Any]:
     manifest_path = ckpt / MANIFEST
     try:
         manifest = json.loads(manifest_path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        files = manifest["files"]
+        int(manifest["meta"]["step"])
+        if not files:
+            raise ValueError("it lists no files")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"checkpoint {ckpt}: unreadable manifest {manifest_path}: {exc}") from exc
-    for name, info in manifest["files"].items():
+    for name, info in files.items():
         f = ckpt / name
         if not f.is_file():
             raise CheckpointError(f"checkpoint {ckpt}: missing file {f}")
@@ -95,35 +160,96 @@ def complete_checkpoints(root: Path) -> list[Path]:
     """Finished checkpoint dirs (manifest present), newest first."""
     if not root.is_dir():
         return []
-    dirs = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and not p.name.endswith(".partial")
-            and (p / MANIFEST).is_file()]
+    dirs = [p for p in root.iterdir() if _TAG.match(p.name) and p.is_dir() and (p / MANIFEST).is_file()]
     return sorted(dirs, key=lambda p: p.name, reverse=True)
 
 
-def find_resumable(root: Path) -> tuple[Path, dict[str, Any]] | None:
-    """The newest checkpoint that verifies (falling back to older ones with a warning), or None."""
-    candidates = complete_checkpoints(root)
-    pointer = root / POINTER
-    if pointer.is_file():
-        try:
-            tag = json.loads(pointer.read_text())["tag"]
-            preferred = root / tag
-            if preferred in candidates:
-                candidates.remove(preferred)
-                candidates.insert(0, preferred)
-        except (OSError, json.JSONDecodeError, KeyError) as exc:
-            log.warning("checkpoint pointer %s is unreadable (%s); scanning %s", pointer, exc, root)
-    for ckpt in candidates:
+def find_resumable(root: Path, quarantine: bool = False) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint that verifies, or None. A checkpoint that fails verification is skipped with a
+    warning naming the bad file (and, with `quarantine`, renamed `<tag>.corrupt` so it is never tried again);
+    the next older one is tried. `latest.json` is informational: a kill between the rename of a new checkpoint
+    and the pointer update leaves the pointer one behind, and the newer complete checkpoint is still used."""
+    for ckpt in complete_checkpoints(root):
         try:
             manifest = verify(ckpt)
-            return ckpt, manifest["meta"]
         except CheckpointError as exc:
-            log.warning("%s; trying an older checkpoint", exc)
+            log.warning("%s; falling back to an older checkpoint", exc)
+            if quarantine:
+                bad = _free_name(ckpt.with_name(ckpt.name + ".corrupt"))
+                os.replace(ckpt, bad)
+                log.warning("moved the corrupt checkpoint to %s", bad)
+            continue
+        return ckpt, manifest["meta"]
     return None
+
+
+def _free_name(path: Path) -> Path:
+    candidate, i = path, 1
+    while candidate.exists():
+        candidate, i = path.with_name(f"{path.name}{i}"), i + 1
+    return candidate
+
+
+def _remove(path: Path) -> None:
+    """Delete a checkpoint dir so that a kill half-way never leaves a dir that looks complete but is not."""
+    doomed = _free_name(path.with_name(path.name + ".deleting"))
+    os.replace(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def prune(root: Path, keep: int) -> None:
     for old in complete_checkpoints(root)[keep:]:
-        shutil.rmtree(old, ignore_errors=True)
-    for partial in root.glob("*.partial"):
-        shutil.rmtree(partial, ignore_errors=True)
+        _remove(old)
+    clean_stale(root)
+
+
+def clean_stale(root: Path) -> list[Path]:
+    """Remove leftovers of interrupted writes, prunes and pointer updates; returns what was removed."""
+    if not root.is_dir():
+        return []
+    stale = [p for p in root.iterdir()
+             if p.name.endswith((".partial", ".deleting")) or re.search(r"\.deleting\d+$", p.name)
+             or (p.name.startswith(".") and ".tmp" in p.name)]
+    for p in stale:
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+    return stale
+
+
+def checkpoint_bytes(ckpt: Path) -> int:
+    """Total size of a complete checkpoint's files, from its manifest."""
+    manifest = json.loads((ckpt / MANIFEST).read_text())
+    return sum(int(info["bytes"]) for info in manifest["files"].values())
+
+
+def check_free_space(root: Path, need: int, keep: int) -> None:
+    """Raise CheckpointError when the file system of `root` cannot hold even one more checkpoint of `need`
+    bytes; warn when it cannot hold `keep` + 1 (the kept ones plus the one being written)."""
+    probe = next(q for q in [root, *root.parents] if q.exists())
+    free = shutil.disk_usage(probe).free
+    if free < need:
+        raise CheckpointError(
+            f"{probe} has {free / 1e6:.1f} MB free but one checkpoint of this run needs ~{need / 1e6:.1f} MB; "
+            f"free some space or choose another output_dir"
+        )
+    if free < need * (keep + 1):
+        log.warning("%s has %.1f MB free: less than the %d checkpoints (~%.1f MB each) a run keeps while writing "
+                    "the next one", probe, free / 1e6, keep + 1, need / 1e6)
+
+
+def to_universal(ckpt: Path, out: Path) -> Path:
+    """Convert a ZeRO checkpoint to DeepSpeed's universal format in `out/<tag>` (loadable at any world size)."""
+    out.mkdir(parents=True, exist_ok=True)
+    target = out / ckpt.name
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt),
+           "--output_folder", str(target), "--inject_missing_state", "--num_extract_workers", "1",
+           "--num_merge_workers", "1"]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise CheckpointError(
+            f"converting {ckpt} to a universal checkpoint (to resume at another world size) failed:\n"
+            f"{(result.stdout + result.stderr)[-3000:]}"
+        )
+    return target

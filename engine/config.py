@@ -361,6 +361,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     problems.extend(validate(config))
     if paths:
         problems.extend(check_paths(config))
+        problems.extend(check_environment(config))
     if problems:
         raise ConfigError(problems)
     return config
@@ -399,6 +400,8 @@ def validate(c: Config) -> list[str]:
     _choice(p, "model.attention_backend", m.attention_backend, ATTENTION_BACKENDS)
     if m.latent_size < 0 or m.latent_size % 2:
         p.append(f"model.latent_size = {m.latent_size}; must be 0 (preset default) or a positive even number")
+    elif not m.path and m.preset in PRESETS:
+        p.extend(_latent_fits(m.latent_size, PRESETS[m.preset].transformer, f"preset {m.preset!r}"))
 
     s = c.student
     if s.rank <= 0:
@@ -417,7 +420,7 @@ def validate(c: Config) -> list[str]:
         elif t.name in RESERVED_NAMES:
             p.append(f"{where}.name = {t.name!r} is reserved ({', '.join(RESERVED_NAMES)})")
         elif t.name in teacher_names:
-            p.append(f"{where}.name = {t.name!r} is used twice")
+            p.append(f"{where}.name = {t.name!r} is used twice (also teachers[{teacher_names.index(t.name)}].name)")
         teacher_names.append(t.name)
         if bool(t.path) == (t.random_seed >= 0):
             p.append(f"{where} ({t.name}): set exactly one of `path` or `random_seed`")
@@ -432,7 +435,7 @@ def validate(c: Config) -> list[str]:
         if not f.name:
             p.append(f"{where}.name is empty")
         elif f.name in field_names:
-            p.append(f"{where}.name = {f.name!r} is used twice")
+            p.append(f"{where}.name = {f.name!r} is used twice (also fields[{field_names.index(f.name)}].name)")
         elif f.name == "student":
             p.append(f"{where}.name = 'student' is reserved")
         field_names.append(f.name)
@@ -453,6 +456,12 @@ def validate(c: Config) -> list[str]:
         p.append(f"init.weights has {len(ini.weights)} entries for {n_merge} merged teachers")
     if ini.merge != "none" and ini.adapter:
         p.append("init: set either `merge` or `adapter`, not both")
+    if ini.merge == "average":  # loaded teachers' ranks are checked when they are loaded
+        merged = [t for t in c.teachers if t.random_seed >= 0 and (not ini.teachers or t.name in ini.teachers)]
+        off = [f"{t.name} (rank {t.rank})" for t in merged if t.rank != s.rank]
+        if off:
+            p.append(f"init.merge = 'average' averages A and B, so merged teachers need student.rank = {s.rank}: "
+                     f"{', '.join(off)}; use init.merge = 'svd'")
 
     d = c.data
     if not d.prompts:
@@ -498,7 +507,7 @@ def validate(c: Config) -> list[str]:
         p.append(f"opd.anchor = {o.anchor!r}: unknown field; valid: {', '.join(field_names) or '(none)'}")
     if o.beta < 0:
         p.append(f"opd.beta = {o.beta}; must be >= 0")
-    if o.query_states < 0 or (r.steps >= 2 and o.query_states > r.steps - 1):
+    if o.query_states < 0 or o.query_states > max(r.steps - 1, 1):
         p.append(f"opd.query_states = {o.query_states}; must be 0 (dense) or 1..{max(r.steps - 1, 1)}")
     if o.student_cfg < 0:
         p.append(f"opd.student_cfg = {o.student_cfg}; must be >= 0")
@@ -545,6 +554,100 @@ def validate(c: Config) -> list[str]:
     _choice(p, "kernels.sde_step", k.sde_step, BACKENDS)
     _choice(p, "kernels.default", k.default, BACKENDS)
     return p
+
+
+def _latent_fits(latent_size: int, transformer: dict, what: str) -> list[str]:
+    """SD3's positional embedding covers pos_embed_max_size patches per side (measured: latent 18 on `tiny`,
+    max 8 x patch 2 = 16, fails at the first forward with "Height (9) cannot be greater than pos_embed_max_size")."""
+    limit = int(transformer.get("pos_embed_max_size") or 0) * int(transformer.get("patch_size", 1))
+    if latent_size and limit and latent_size > limit:
+        return [f"model.latent_size = {latent_size}; {what} supports at most {limit} (pos_embed_max_size x patch_size)"]
+    return []
+
+
+def check_environment(c: Config) -> list[str]:
+    """What only this machine and the inputs can tell, checked before any heavy work: optional modules, the
+    device's dtypes, the prompts against the routes, the student's target modules against the model."""
+    import importlib.util
+
+    p: list[str] = []
+    if c.opd.evaluator == "batched" and importlib.util.find_spec("engine.models.multi_lora") is None:
+        p.append("opd.evaluator = 'batched' is not available in this build (no engine.models.multi_lora)")
+    if c.model.attention == "fused" and importlib.util.find_spec("engine.models.attention") is None:
+        p.append("model.attention = 'fused' is not available in this build (no engine.models.attention)")
+    if c.model.dtype == "float16":
+        import torch
+
+        if not torch.cuda.is_available():
+            p.append("model.dtype = 'float16' needs a CUDA device (DeepSpeed has no fp16 on CPU); use bfloat16 "
+                     "or float32")
+    ds = Path(c.train.deepspeed)
+    ds = ds if ds.is_file() else REPO_ROOT / ds
+    if ds.is_file():
+        try:
+            if not isinstance(json.loads(ds.read_text()), dict):
+                raise ValueError("expected a JSON object")
+        except (ValueError, UnicodeDecodeError) as exc:
+            p.append(f"train.deepspeed: cannot parse {ds}: {exc}")
+    p.extend(_check_prompts(c))
+    p.extend(_check_targets(c))
+    return p
+
+
+def _check_prompts(c: Config) -> list[str]:
+    from engine.data.prompts import load_prompts
+
+    if not c.data.prompts or (not c.data.prompts.startswith("builtin:") and not Path(c.data.prompts).is_file()):
+        return []  # reported by validate / check_paths
+    try:
+        tasks = sorted({q.task for q in load_prompts(c.data.prompts)})
+    except (ValueError, ImportError, OSError) as exc:
+        return [f"data.prompts = {c.data.prompts!r}: {exc}"]
+    o = c.opd
+    if o.routing == "task" and o.routes and (unrouted := [t for t in tasks if t not in o.routes]):
+        return [f"opd.routes has no field for task(s) {unrouted} of data.prompts (routes: {sorted(o.routes)})"]
+    if o.routing == "epoch" and o.routes and not set(tasks) & set(o.routes):
+        return [f"opd.routes: no task of data.prompts ({tasks}) has a route, so routing = 'epoch' has nothing to "
+                f"train on"]
+    return []
+
+
+def _check_targets(c: Config) -> list[str]:
+    """Each student target must name a Linear layer of the model (peft's rule: the module's name is the target or
+    ends with '.' + target); the model is built on the meta device (no memory, ~0.5 s for SD3.5-M)."""
+    from engine.models.presets import PRESETS
+
+    if c.model.path:
+        cfg_file = next((d / "config.json" for d in (Path(c.model.path), Path(c.model.path) / "transformer")
+                         if (d / "config.json").is_file()), None)
+        try:
+            transformer = json.loads(cfg_file.read_text()) if cfg_file else None
+        except (OSError, ValueError):
+            transformer = None  # the loader reports it, naming the file
+        if transformer is None:
+            return []
+        transformer = {k: v for k, v in transformer.items() if not k.startswith("_")}
+        problems = _latent_fits(c.model.latent_size, transformer, str(cfg_file))
+    elif c.model.preset in PRESETS:
+        transformer, problems = PRESETS[c.model.preset].transformer, []
+    else:
+        return []
+    if not c.student.targets:
+        return problems
+    import torch
+    from diffusers import SD3Transformer2DModel
+
+    try:
+        with torch.device("meta"):
+            model = SD3Transformer2DModel(**transformer)
+    except (TypeError, ValueError) as exc:
+        return [*problems, f"model: cannot build the transformer from its config: {exc}"]
+    linear = [n for n, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)]
+    missing = [t for t in c.student.targets if not any(n == t or n.endswith("." + t) for n in linear)]
+    if missing:
+        problems.append(f"student.targets: {missing} match no Linear layer of the model (e.g. to_q, to_k, to_v, "
+                        f"to_out.0, add_q_proj, add_k_proj, add_v_proj, to_add_out, ff.net.0.proj)")
+    return problems
 
 
 def check_paths(c: Config) -> list[str]:

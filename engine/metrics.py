@@ -1,11 +1,22 @@
-"""metrics.jsonl: one JSON object per logged optimizer step (rank 0)."""
+"""metrics.jsonl: one JSON object per logged optimizer step (rank 0).
+
+Lines are appended with O_APPEND writes; a failed write (ENOSPC, EIO) keeps the unwritten bytes and retries them
+before the next line, so a full disk costs no line and never tears one in the middle of the file. A line torn
+by a kill can only be the last one; it is dropped when the run resumes.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
 from pathlib import Path
 from typing import Any
+
+from engine.checkpoint import write_atomic
+
+log = logging.getLogger(__name__)
 
 
 class MetricsWriter:
@@ -22,16 +33,38 @@ class MetricsWriter:
                         kept.append(line)
                 except json.JSONDecodeError:
                     continue  # a line torn by a kill mid-write
-            path.write_text("".join(k + "\n" for k in kept))
-        self._fh = open(path, "a")
+            write_atomic(path, "".join(k + "\n" for k in kept))  # a kill here keeps the old file, never half
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self._pending = b""
 
     def write(self, row: dict[str, Any]) -> None:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
-        self._fh.write(json.dumps(clean, sort_keys=True) + "\n")
-        self._fh.flush()
+        self._pending += (json.dumps(clean, sort_keys=True) + "\n").encode()
+        self._flush()
+
+    def flush(self) -> bool:
+        """Retry unwritten bytes now; True when every line written so far is in the file."""
+        self._flush()
+        return not self._pending
+
+    def _flush(self) -> None:
+        try:
+            while self._pending:
+                written = os.write(self._fd, self._pending)
+                self._pending = self._pending[written:]
+        except OSError as exc:
+            log.error("cannot write %s (%s); %d bytes kept in memory and retried with the next line",
+                      self.path, exc, len(self._pending))
 
     def close(self) -> None:
-        self._fh.close()
+        if self._fd < 0:
+            return
+        self._flush()
+        if self._pending:
+            log.error("%s: %d bytes of metrics could not be written (%s)", self.path, len(self._pending),
+                      "disk full?")
+        os.close(self._fd)
+        self._fd = -1
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

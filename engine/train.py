@@ -7,13 +7,18 @@
     python engine/train.py --config configs/tiny.toml          # the same run, single process, no launcher
 
 Re-running the same command resumes from the newest complete checkpoint in the output dir.
+Exit codes: 0 done, 2 invalid config (nothing started), 1 the run stopped (the message says why; see
+docs/reliability.md). With several ranks a failed or timed-out collective (a dead or stuck peer) ends the rank
+with a message instead of hanging; `FLOWOPD_DIST_TIMEOUT` (seconds, default 1800) bounds the wait.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import traceback
 from pathlib import Path
 
 if __package__ in (None, ""):  # `deepspeed engine/train.py` runs this file as a script
@@ -49,14 +54,49 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from engine.trainer import Trainer  # heavy imports after the config is known to be valid
 
-    trainer = Trainer(config)
     try:
-        trainer.train()
-    finally:
-        trainer.close()
+        trainer = Trainer(config)
+        try:
+            trainer.train()
+        finally:
+            trainer.close()
+    except Exception as exc:  # every failure ends in one clear line (plus a traceback when unexpected)
+        return _fail(exc, config.output_dir)
     if trainer.rank == 0:
         print(f"done: {config.output_dir}/export")
     return 0
+
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    from engine.checkpoint import CheckpointError
+    from engine.models.loading import ModelLoadError
+    from engine.models.lora import AdapterError
+    from engine.opd.routing import RoutingError
+
+    return ConfigError, CheckpointError, ModelLoadError, AdapterError, RoutingError, FloatingPointError, OSError
+
+
+def _fail(exc: Exception, output_dir: str) -> int:
+    """Report why the run stopped. Errors the engine raises on purpose print their message; anything else its
+    traceback. With several ranks the process then exits at once: after a collective failed, interpreter
+    shutdown can block or abort in the process group's destructor (measured: gloo aborts with SIGABRT)."""
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    where = f"rank {rank}/{world}: " if world > 1 else ""
+    if not isinstance(exc, _expected_errors()):
+        traceback.print_exc()
+    text = str(exc)
+    from engine.trainer import dist_timeout, is_collective_error
+
+    if world > 1 and is_collective_error(exc):
+        text = (f"communication with another rank failed ({text.splitlines()[0] if text else type(exc).__name__}). "
+                f"Another rank probably died or is stuck (collective timeout {dist_timeout().total_seconds():g} s, "
+                f"FLOWOPD_DIST_TIMEOUT); see its log. Re-run the same command to resume from the newest complete "
+                f"checkpoint in {output_dir}/checkpoints")
+    print(f"error: {where}{text}", file=sys.stderr, flush=True)
+    if world > 1:
+        sys.stdout.flush()
+        os._exit(1)
+    return 1
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
 
+from engine.checkpoint import SUMS
 from engine.models.export import export_adapter
 from engine.models.loading import build_preset
 from engine.models.lora import (
@@ -73,7 +74,7 @@ def test_export_round_trip_peft_diffusers_and_ours(tmp_path: Path) -> None:
     inputs = tiny_inputs(seed=3)
     expected = velocity(model, inputs)
     out = export_adapter(model, tmp_path / "export")
-    assert sorted(p.name for p in out.iterdir()) == sorted([PEFT_CONFIG, PEFT_WEIGHTS, DIFFUSERS_WEIGHTS])
+    assert sorted(p.name for p in out.iterdir()) == sorted([PEFT_CONFIG, PEFT_WEIGHTS, DIFFUSERS_WEIGHTS, SUMS])
     cfg = json.loads((out / PEFT_CONFIG).read_text())
     assert cfg["r"] == 4 and cfg["lora_alpha"] == 8.0 and sorted(cfg["target_modules"])[0] == "add_k_proj"
     assert all(k.startswith("base_model.model.") for k in load_file(out / PEFT_WEIGHTS))
@@ -118,6 +119,7 @@ def test_diffusers_file_without_alpha_is_refused(tmp_path: Path) -> None:
 def test_mismatched_adapters_are_refused_with_file_name(tmp_path: Path) -> None:
     model = tiny_model()
     out = export_adapter(model, tmp_path / "e")
+    (out / SUMS).unlink()  # hand-edited adapters below: no checksums, so the structural checks must catch them
     other = build_preset("sd35-medium") if False else None  # noqa: F841 (documentation: same class, other dims)
     # wrong shapes: a model with a different width
     from diffusers import SD3Transformer2DModel

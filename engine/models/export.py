@@ -5,6 +5,7 @@
 - `pytorch_lora_weights.safetensors`: keys `transformer.<module>.lora_{A,B}.weight` with the adapter
   config as `lora_adapter_metadata`, written by diffusers' own `save_lora_weights`, so
   `SD3Transformer2DModel.load_lora_adapter`/`StableDiffusion3Pipeline.load_lora_weights` restore alpha.
+- `SHA256SUMS` of those files (`sha256sum -c` format), checked when the adapter is loaded as a teacher.
 Files are written into a temporary sibling dir and renamed into place, so a crash never leaves a
 half-written export behind.
 """
@@ -22,6 +23,7 @@ from diffusers import StableDiffusion3Pipeline
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 
+from engine.checkpoint import write_sha256sums
 from engine.models.lora import DIFFUSERS_WEIGHTS, PEFT_CONFIG, PEFT_WEIGHTS, STUDENT
 
 
@@ -55,6 +57,7 @@ def export_adapter(model: torch.nn.Module, out_dir: str | Path, name: str = STUD
             str(tmp), transformer_lora_layers=state, transformer_lora_adapter_metadata=cfg,
             weight_name=DIFFUSERS_WEIGHTS,
         )
+        write_sha256sums(tmp)
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -11,6 +12,7 @@ from diffusers import SD3Transformer2DModel
 from engine.models.presets import ModelPreset, get_preset
 
 WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json")
+log = logging.getLogger(__name__)
 
 
 class ModelLoadError(RuntimeError):
@@ -40,13 +42,35 @@ def _check_files(directory: Path) -> None:
 
 
 def load_transformer(path: str | Path, dtype: torch.dtype = torch.float32) -> SD3Transformer2DModel:
-    """Load from a local dir only (no hub); errors name the offending file."""
+    """Load from a local dir only (no hub); errors name the offending file.
+
+    Refused, never silently mis-loaded: a file that differs from the dir's `SHA256SUMS` (when shipped with one,
+    see `engine.checkpoint.write_sha256sums`), truncated/unreadable weights, weights missing for part of the model
+    (diffusers would randomly initialise them with only a printed notice) or of the wrong shape, NaN/Inf values."""
+    from engine.checkpoint import verify_sha256sums
+
     directory = transformer_dir(path)
     _check_files(directory)
+    weights = ", ".join(str(directory / n) for n in WEIGHT_NAMES if (directory / n).is_file())
+    if bad := verify_sha256sums(directory):
+        raise ModelLoadError("; ".join(bad))
     try:
-        return SD3Transformer2DModel.from_pretrained(str(directory), torch_dtype=dtype, local_files_only=True)
+        model, info = SD3Transformer2DModel.from_pretrained(str(directory), torch_dtype=dtype, local_files_only=True,
+                                                            output_loading_info=True)
     except Exception as exc:  # safetensors/diffusers raise many types for truncated or mismatched files
-        raise ModelLoadError(f"cannot load the transformer weights in {directory}: {exc}") from exc
+        raise ModelLoadError(f"cannot load the transformer weights in {directory} ({weights}): {exc}") from exc
+    missing, mismatched = info.get("missing_keys") or [], info.get("mismatched_keys") or []
+    if missing or mismatched:
+        raise ModelLoadError(f"{weights} does not match {directory / 'config.json'}: {len(missing)} weights missing "
+                             f"(e.g. {sorted(missing)[:3]}), {len(mismatched)} of another shape "
+                             f"(e.g. {list(mismatched)[:3]})")
+    if info.get("unexpected_keys"):
+        log.warning("%s: %d weights match no module of the model and were ignored (e.g. %s)", weights,
+                    len(info["unexpected_keys"]), sorted(info["unexpected_keys"])[:3])
+    nonfinite = [n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    if nonfinite:
+        raise ModelLoadError(f"{weights}: {len(nonfinite)} tensors hold NaN/Inf (e.g. {nonfinite[:3]})")
+    return model
 
 
 def build_preset(preset: ModelPreset | str, seed: int = 0, dtype: torch.dtype = torch.float32) -> SD3Transformer2DModel:

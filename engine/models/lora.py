@@ -151,6 +151,13 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
         raise AdapterError(f"cannot read adapter weights {path}: {exc}") from exc
 
 
+def _verify_sums(directory: Path, name: str | None) -> None:
+    from engine.checkpoint import verify_sha256sums
+
+    if bad := verify_sha256sums(directory, only=name):
+        raise AdapterError("; ".join(bad))
+
+
 def _rank_and_targets(state: dict[str, torch.Tensor]) -> tuple[int, list[str]]:
     ranks = {v.shape[0] for k, v in state.items() if k.endswith("lora_A.weight")}
     # full module paths: suffixes like "0" (of "to_out.0") would also match "transformer_blocks.0"
@@ -174,13 +181,18 @@ def read_adapter(path: str | Path, alpha: float | None = None) -> tuple[LoraConf
             raw_cfg = json.loads((path / PEFT_CONFIG).read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise AdapterError(f"cannot parse {path / PEFT_CONFIG}: {exc}") from exc
+        _verify_sums(path, None)
         state, _ = _read_safetensors(weights)
         state = _strip_prefix(state, ("base_model.model.", "transformer."))
         cfg_kwargs = {k: v for k, v in raw_cfg.items() if k in LoraConfig.__dataclass_fields__}
         if alpha is not None:
             cfg_kwargs["lora_alpha"] = alpha
+        elif "lora_alpha" not in cfg_kwargs:  # peft would take its default 8 whatever the rank
+            raise AdapterError(f"{path / PEFT_CONFIG} has no lora_alpha, so the adapter's scale alpha/r is unknown; "
+                               f"set the teacher's `alpha` in the config explicitly")
         return LoraConfig(**cfg_kwargs), state, weights
     weights = path / DIFFUSERS_WEIGHTS if path.is_dir() else path
+    _verify_sums(weights.parent, weights.name)
     state, metadata = _read_safetensors(weights)
     state = _strip_prefix(state, ("transformer.", "base_model.model."))
     rank, targets = _rank_and_targets(state)
@@ -193,6 +205,9 @@ def read_adapter(path: str | Path, alpha: float | None = None) -> tuple[LoraConf
         cfg_kwargs = {k: v for k, v in meta.items() if k in LoraConfig.__dataclass_fields__}
         if alpha is not None:
             cfg_kwargs["lora_alpha"] = alpha
+        elif "lora_alpha" not in cfg_kwargs:
+            raise AdapterError(f"{weights}: its {DIFFUSERS_METADATA_KEY} has no lora_alpha, so the scale alpha/r is "
+                               f"unknown; set the teacher's `alpha` in the config explicitly")
         return LoraConfig(**cfg_kwargs), state, weights
     if alpha is None and kohya_alphas:
         values = {float(v) for v in kohya_alphas.values()}
@@ -232,9 +247,13 @@ def load_adapter(model: torch.nn.Module, name: str, path: str | Path, alpha: flo
         for key in sorted(given):
             if tuple(state[key].shape) != tuple(model_state[key].shape):
                 problems.append(
-                    f"{key}: shape {tuple(state[key].shape)} != model {tuple(model_state[key].shape)}"
+                    f"{key}: shape {tuple(state[key].shape)} != model {tuple(model_state[key].shape)} (adapter rank "
+                    f"{config.r} from its config)"
                 )
                 break
+    nonfinite = [k for k in sorted(given) if not bool(torch.isfinite(state[k]).all())]
+    if nonfinite:
+        problems.append(f"{len(nonfinite)} tensors hold NaN/Inf (e.g. {nonfinite[:3]})")
     if problems:
         model.delete_adapters(name)
         raise AdapterError(f"adapter {weights} does not match the model: " + "; ".join(problems))
