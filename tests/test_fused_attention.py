@@ -93,7 +93,10 @@ def test_model_matches_reference_fp32(config):
         v, g = forward_backward(ours, x, sigma, cond, want_grad)
         torch.testing.assert_close(v, v_ref, atol=2e-6, rtol=1e-5, msg=f"state {state}")
         for a, b in zip(g, g_ref):
-            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=f"grads, state {state}")
+            # fp32 gradients are sums over every token: absolute error scales with the gradient's magnitude
+            # (measured ~7e-7 x max|grad| between BLAS thread layouts)
+            scale = max(1.0, b.abs().max().item())
+            torch.testing.assert_close(a, b, atol=2e-6 * scale, rtol=1e-5, msg=f"grads, state {state}")
         if want_grad:
             names = ["x"] + [n for n, q in ours.named_parameters() if f".{STUDENT}." in n]
             assert len(g) == len(names) > 1
@@ -173,7 +176,8 @@ def test_processor_level(which):
     if which == "context-pre-only":
         assert attn.to_add_out is None  # the text part comes back unprojected
     for a, b in zip(outs + list(g), outs_ref + list(g_ref)):
-        torch.testing.assert_close(a, b, atol=2e-6, rtol=1e-5)
+        # fp32 sums over tokens: absolute error scales with magnitude and the BLAS thread layout
+        torch.testing.assert_close(a, b, atol=2e-6 * max(1.0, b.abs().max().item()), rtol=1e-5)
 
 
 def test_trainable_base_and_norm_weights_get_reference_grads():
@@ -317,7 +321,7 @@ def test_student_training_step_matches_reference():
     assert loss == pytest.approx(loss_ref, rel=1e-5)
     moved = 0
     for a, b, p0 in zip(p, p_ref, student_params(build("qknorm-dual"))):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(a, b, atol=2e-6 * max(1.0, b.abs().max().item()), rtol=1e-5)
         moved += int(not torch.equal(a, p0))
     assert moved == len(p)  # every student tensor was updated
 
