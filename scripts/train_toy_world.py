@@ -28,12 +28,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.eval import EvalSettings, add_merge, evaluate_seeds  # noqa: E402
+from engine.eval import EvalSettings, add_merge, evaluate, evaluate_seeds  # noqa: E402
 from engine.models.export import export_adapter  # noqa: E402
 from engine.models.lora import AdapterSwitch, LoraSpec, add_adapter, freeze_for_training  # noqa: E402
 from engine.toy.encoder import ToyTextEncoder  # noqa: E402
 from engine.toy.model import EXPERTS, TOY_TRANSFORMER, WEIGHTS_DIR, flow_matching_loss, new_transformer  # noqa: E402
-from engine.toy.world import Imperfection, base_example, batch, clean_example  # noqa: E402
+from engine.toy.world import Imperfection, base_example, batch, clean_example, eval_prompts  # noqa: E402
+
+CHECK_PROMPT_STRIDE = 2
 
 
 def log(msg: str) -> None:
@@ -123,12 +125,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="1 is fastest on a shared 2-core machine: 2 threads thrash under load (1-9 s vs 0.2 s/step)")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--base-steps", type=int, default=3000)
-    ap.add_argument("--base-lr", type=float, default=1e-3)
+    ap.add_argument("--base-lr", type=float, default=2e-3)
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--ema", type=float, default=0.998)
     ap.add_argument("--cfg-dropout", type=float, default=0.1)
-    ap.add_argument("--expert-steps", type=int, default=600)
-    ap.add_argument("--expert-lr", type=float, default=2e-3)
+    ap.add_argument("--expert-steps", type=int, default=400)
+    ap.add_argument("--expert-lr", type=float, default=5e-3)
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--alpha", type=float, default=8.0)
     ap.add_argument("--eval-seeds", type=int, nargs="*", default=[0, 1, 2])
@@ -165,12 +167,23 @@ def main(argv: list[str] | None = None) -> int:
     for method in ("average", "svd"):
         name = add_merge(model, method, list(EXPERTS.values()), args.rank, args.alpha)
         rows[f"merge-{method}"] = evaluate_seeds(model, encoder, name, settings, args.eval_seeds)
+    # the small, fast version of the table that tests/test_toy_weights.py reproduces
+    check_settings = EvalSettings(samples_per_prompt=2)
+    check_prompts = eval_prompts()[::CHECK_PROMPT_STRIDE]
+    check = {name: evaluate(model, encoder, adapter, check_settings, check_prompts)
+             for name, adapter in [("base", None), *((t, n) for t, n in EXPERTS.items())]}
+    for method in ("average", "svd"):
+        name = add_merge(model, method, list(EXPERTS.values()), args.rank, args.alpha)
+        check[f"merge-{method}"] = evaluate(model, encoder, name, check_settings, check_prompts)
     timings["eval_s"] = time.time() - t0
     timings["total_s"] = time.time() - t_start
     record = {
         "settings": asdict(settings),
         "seeds": args.eval_seeds,
         "rows": rows,
+        "check": {"settings": asdict(check_settings), "prompt_stride": CHECK_PROMPT_STRIDE, "rows": check,
+                  "merge": {"rank": args.rank, "alpha": args.alpha}},
+        "encoder": encoder.config() | {"vocab": None},
         "train_args": vars(args) | {"out": None},
         "transformer": {k: list(v) if isinstance(v, tuple) else v for k, v in TOY_TRANSFORMER.items()},
         "timings": timings,

@@ -54,11 +54,11 @@ def load_toy(
 ) -> tuple[SD3Transformer2DModel, ToyTextEncoder]:
     """The shipped base (frozen, eval mode) with the expert adapters loaded under `EXPERTS` names, and the encoder."""
     weights_dir = Path(weights_dir)
-    model = SD3Transformer2DModel.from_pretrained(str(weights_dir / "base"))
-    model.requires_grad_(False).eval()
+    model = SD3Transformer2DModel.from_pretrained(str(weights_dir / "base")).eval()
     if experts:
         for task, name in EXPERTS.items():
             load_adapter(model, name, weights_dir / "experts" / task)
+    model.requires_grad_(False)  # peft's add_adapter makes the new LoRA weights trainable
     return model, ToyTextEncoder.from_pretrained(weights_dir / "encoder")
 
 
