@@ -17,6 +17,7 @@ import os
 import shutil
 import time
 import zlib
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,7 @@ from engine.checkpoint import (
     to_universal,
     write_atomic,
 )
-from engine.config import Config, ConfigError, to_toml
+from engine.config import Config, ConfigError, resolve_path, to_toml
 from engine.data.cache import load_or_build
 from engine.data.encoders import build_encoder
 from engine.data.prompts import load_prompts
@@ -58,6 +59,9 @@ from engine.sampling.rollout import SampleNoise, rollout
 from engine.sampling.schedule import flow_match_sigmas
 
 log = logging.getLogger("flowopd")
+
+StepCallback = Callable[["Trainer", int], None]
+"""`cb(trainer, finished_steps)`: see Trainer.train (the toy world's reward curve is one)."""
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Config keys whose change makes a checkpoint unusable for resuming (the student's shape and its base).
@@ -171,7 +175,7 @@ class Trainer:
         if self.rank != 0:
             self.embeddings = load_or_build(encoder, [p.text for p in self.prompts], cache)
         self.sampler = PromptSampler(self.prompts, c.train.seed, c.train.prompts_per_step, c.rollout.group_size,
-                                     c.train.grad_accum, self.world, self.rank)
+                                     c.train.grad_accum, self.world, self.rank, c.data.task_weights or None)
 
         # ---- schedule and query chunks
         self.sigmas = flow_match_sigmas(c.rollout.steps, c.rollout.shift).to(self.device)
@@ -218,7 +222,7 @@ class Trainer:
     def _build_model(self) -> tuple[torch.nn.Module, Any]:
         c = self.config
         if c.model.path:
-            model = load_transformer(c.model.path, torch.float32)
+            model = load_transformer(resolve_path(c.model.path), torch.float32)
             seq_len = 77 + c.data.max_sequence_length if c.data.encoder not in ("builtin", "toy") else None
             if c.data.encoder == "toy":
                 from engine.toy.encoder import ToyTextEncoder
@@ -243,7 +247,7 @@ class Trainer:
             if t.random_seed >= 0:
                 random_adapter(model, t.name, LoraSpec(t.rank, float(t.rank), tuple(s.targets)), t.random_seed)
             else:
-                load_adapter(model, t.name, t.path, alpha=t.alpha or None)
+                load_adapter(model, t.name, resolve_path(t.path), alpha=t.alpha or None)
         if c.init.merge != "none":
             names = c.init.teachers or [t.name for t in c.teachers]
             off = [f"{n} (rank {model.peft_config[n].r})" for n in names if model.peft_config[n].r != s.rank]
@@ -252,7 +256,7 @@ class Trainer:
                                    f"student.rank = {s.rank}: {', '.join(off)}; use init.merge = 'svd'"])
             merge_into_student(model, names, c.init.merge, c.init.weights or None)
         elif c.init.adapter:
-            load_adapter(model, "_init", c.init.adapter)
+            load_adapter(model, "_init", resolve_path(c.init.adapter))
             merge_into_student(model, ["_init"], "svd", [1.0])
             model.delete_adapters("_init")
         if c.model.attention == "fused":
@@ -566,7 +570,9 @@ class Trainer:
             return None
         return export_adapter(self.model, self.out / "export", STUDENT)
 
-    def train(self) -> list[dict[str, Any]]:
+    def train(self, callbacks: Sequence[StepCallback] = ()) -> list[dict[str, Any]]:
+        """Run the remaining steps. Each callback is called as `cb(trainer, n)` with the number of finished steps:
+        once before the first step of a fresh run (n = 0) and after every step, before that step's checkpoint."""
         from tqdm import tqdm
 
         c = self.config.train
@@ -574,6 +580,9 @@ class Trainer:
         bar = tqdm(range(self.start_step, c.steps), initial=self.start_step, total=c.steps, desc="opd",
                    disable=self.rank != 0, dynamic_ncols=True)
         fault = self.faults
+        if self.start_step == 0:
+            for cb in callbacks:
+                cb(self, 0)
         for step in bar:
             if fault is not None:
                 fault.hit("step.begin", step)
@@ -588,6 +597,8 @@ class Trainer:
             if fault is not None:
                 fault.hit("step.logged", step)
             bar.set_postfix(loss=f"{row.get('loss', float('nan')):.4g}", img_s=f"{row['images_per_s']:.1f}")
+            for cb in callbacks:
+                cb(self, step + 1)
             if (c.save_every and (step + 1) % c.save_every == 0) or step + 1 == c.steps:
                 self.save_checkpoint(step + 1, final=step + 1 == c.steps)
         self.export()
