@@ -35,6 +35,7 @@ switching `kernels.cuda_graphs` in a run changes the SDE noise (an ODE rollout i
 from __future__ import annotations
 
 import logging
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -119,6 +120,8 @@ class RolloutRunner:
         self._logged: set[str] = set()
         self.last_mode = ""
         """`graph` or `eager`: how the last rollout ran (for logs and tests)."""
+        self.issue_seconds = 0.0
+        """Host time spent issuing the step loops (no sync inside): the rollout's CPU cost, for the benchmark."""
 
     # ------------------------------------------------------------------------------------------ public
 
@@ -142,6 +145,7 @@ class RolloutRunner:
         if self._want_graph(key, entry):
             self._capture(key, entry)
             self._load(entry, *inputs)  # warm-up steps moved x, step and the outputs
+        start = time.perf_counter()
         with nvtx_range("rollout:graph" if entry.graph is not None else "rollout:eager", "green"):
             if entry.graph is not None:
                 self.last_mode = "graph"
@@ -152,6 +156,7 @@ class RolloutRunner:
                 with self.switch.use(self.field.adapter):
                     for _ in range(key.steps):
                         self._step(entry, key)
+        self.issue_seconds += time.perf_counter() - start
         return Trajectory(states=entry.states.clone(), log_probs=entry.log_probs.clone(), sigmas=entry.sigmas.clone())
 
     # ------------------------------------------------------------------------------------------ steps
