@@ -106,6 +106,15 @@ def peak() -> dict[str, object]:
     return {"peak_tflops": measured, "peak_source": "GEMM measured in this run", "gemm_tflops_measured": measured}
 
 
+def _free_port() -> str:
+    """A port nobody listens on: the trainer's default (29500 + pid % 2000) can collide on a shared machine."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
 def _free() -> None:
     gc.collect()
     if CUDA:
@@ -119,6 +128,7 @@ def test_iteration(benchmark, path: str, peak: dict[str, object], tmp_path: Path
     if not CUDA:  # `auto` would run the fused attention's QK-norm kernel in Triton's CPU interpreter (an emulator)
         monkeypatch.setenv("FLOWOPD_BACKEND_QK_RMSNORM", "torch")
     config = _config(path, tmp_path / path)
+    os.environ.setdefault("MASTER_PORT", _free_port())  # one process group for both paths
     _free()
     trainer = Trainer(config)
     try:
