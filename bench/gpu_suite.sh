@@ -6,12 +6,13 @@
 #   on the GPU machine, repo root:  FLOWOPD_COMMIT=<git rev-parse HEAD> bash bench/gpu_suite.sh
 #     (device tool: carry [".whl"], timeout_s 600; results land in $OUT, else ./gpu-results)
 #
-# Steps, each under its own timeout (and the suite's budget, FLOWOPD_SUITE_BUDGET seconds, default 480), so a hang
+# Steps, each under its own timeout (and the suite's budget, FLOWOPD_SUITE_BUDGET seconds, default 500), so a hang
 # or a slow step leaves the earlier results in place; every step's output goes to suite.log:
-#   1. install the wheels (the install line of gpu-wheels.sh) and build csrc/ with CMake in the background
+#   1. install the wheels (the install line of gpu-wheels.sh); build csrc/ with CMake in the background (nice, 4 jobs)
 #   2. env.json: device, driver, versions, commit
-#   3. pytest -m cuda tests/                          graph == eager rollouts, kernels on the GPU, ...
-#   4. bench/test_iteration.py -> bench-iteration.json (fast vs reference OPD iteration, MFU, phases)
+#   3. bench/test_iteration.py -> bench-iteration.json (fast vs reference OPD iteration, MFU, phases): first, as the
+#      headline number; a failed graph capture shows as rollout_mode = eager there
+#   4. pytest -m cuda tests/ (after the native build): graph == eager rollouts, kernels on the GPU, ...
 #   5. parity tests: test_sde_kernel.py's reference comparisons on the device, test_flops.py under this torch
 #   6. bench/test_sde_step.py, test_attention.py, test_multi_teacher.py -> bench-<name>.json, one file each
 #   7. nsys phase summary of 2 profiled train steps (only where nsys is on the PATH) -> nsys-phases.txt
@@ -22,7 +23,7 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 OUT=${OUT:-$ROOT/gpu-results}
 mkdir -p "$OUT"
-BUDGET=${FLOWOPD_SUITE_BUDGET:-480}
+BUDGET=${FLOWOPD_SUITE_BUDGET:-500}
 T0=$SECONDS
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 PYTHONPATH="$ROOT:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
@@ -55,11 +56,12 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 else
   log "no .whl/: diffusers/deepspeed/nvtx must already be importable"
 fi
-native_log=$OUT/native-build.tmp
+native_log=/tmp/flowopd-native-build.log
 (
   prefix=$("$PY" -c 'import torch; print(torch.utils.cmake_prefix_path)') &&
-    timeout -k 10 150 cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$prefix" &&
-    timeout -k 10 150 cmake --build build -j 12
+    timeout -k 10 60 nice -n 19 cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release \
+      -DCMAKE_PREFIX_PATH="$prefix" &&
+    timeout -k 10 240 nice -n 19 cmake --build build -j 4  # 4 of 16 cores, niced: the benchmark runs meanwhile
 ) >"$native_log" 2>&1 &
 native_pid=$!
 
@@ -93,34 +95,36 @@ printf '%s' "$env_py" >/tmp/flowopd_env.py
 step env 45 bash -c "$PY /tmp/flowopd_env.py > '$OUT/env.json'"
 cat "$OUT/env.json" >>"$OUT/suite.log" 2>/dev/null
 
-# wait for the native ops (the cuda backend tests skip without them; the benches compare them when present)
-for _ in $(seq 1 150); do kill -0 "$native_pid" 2>/dev/null || break; sleep 1; done
-kill "$native_pid" 2>/dev/null
-wait "$native_pid" 2>/dev/null
-native_rc=$?
-log "native build rc=$native_rc: $(ls build/libflowopd_native.so 2>/dev/null || echo 'not built (Triton backends only)')"
-tail -n 20 "$native_log" >>"$OUT/suite.log"
-rm -f "$native_log"
-
-# ---- 3. CUDA tests
-step cuda-tests 100 "$PY" -m pytest -q -m cuda tests/ -p no:cacheprovider -rs
-
-# ---- 4. the headline benchmark
 bench() {  # bench NAME LIMIT: bench/test_NAME.py -> $OUT/bench-NAME.json
   step "bench-$1" "$2" "$PY" -m pytest -q -s "bench/test_$1.py" -p no:cacheprovider \
     --benchmark-json="$OUT/bench-$1.json" --benchmark-columns=median,min,max,rounds
 }
-bench iteration 190
+
+# ---- 3. the headline benchmark (its fast path takes the Triton step: fp32 states with bf16 velocities)
+bench iteration 200
+
+# wait for the native ops (the cuda backend tests skip without them; the kernel benches compare them when present)
+for _ in $(seq 1 90); do kill -0 "$native_pid" 2>/dev/null || break; sleep 1; done
+if kill -0 "$native_pid" 2>/dev/null; then
+  log "native build still running (its own timeouts end it): the steps below use the Triton backends"
+else
+  wait "$native_pid"
+  log "native build rc=$?: $(ls build/libflowopd_native.so 2>/dev/null || echo 'not built (Triton backends only)')"
+fi
+tail -n 20 "$native_log" >>"$OUT/suite.log"
+
+# ---- 4. CUDA tests
+step cuda-tests 100 "$PY" -m pytest -q -m cuda tests/ -p no:cacheprovider -rs
 
 # ---- 5. parity: test_sde_kernel.py's float64-reference tests (not cuda-marked) run on the GPU when there is one;
 #         test_flops.py checks the FLOP counter against this torch's FlopCounterMode (it runs on the CPU)
-step parity-tests 70 "$PY" -m pytest -q -m "not cuda and not distributed" -p no:cacheprovider \
+step parity-tests 60 "$PY" -m pytest -q -m "not cuda and not distributed" -p no:cacheprovider \
   tests/test_sde_kernel.py tests/test_flops.py
 
 # ---- 6. the kernel suites
-bench sde_step 45
-bench attention 45
-bench multi_teacher 60
+bench sde_step 40
+bench attention 40
+bench multi_teacher 50
 
 # ---- 7. nsys phase summary (absent from the H200 image as of 2026-11; the docs say how to read it)
 if command -v nsys >/dev/null 2>&1; then
