@@ -232,7 +232,9 @@ class KernelsConfig:
     default: str = "auto"
     """Backend of every other op."""
     cuda_graphs: bool = False
-    """Replay rollout steps as CUDA graphs (CUDA only; eager elsewhere)."""
+    """Roll out with `RolloutRunner`: each step (student forward + fused SDE/ODE step) captured once as a CUDA
+    graph and replayed (eager on CPU or when capture fails). SDE step noise then comes from the in-kernel Philox
+    stream, still keyed by (seed, sample id, step); switching this in a run changes the SDE noise."""
 
 
 @dataclass

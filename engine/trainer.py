@@ -55,7 +55,8 @@ from engine.opd.losses import Transition, opd_loss
 from engine.opd.query import select_queries
 from engine.opd.routing import Router
 from engine.profiling import CudaProfilerWindow, PhaseTimer
-from engine.sampling.rollout import SampleNoise, rollout
+from engine.sampling.rollout import PhiloxNoise, SampleNoise, rollout
+from engine.sampling.rollout_graph import RolloutRunner
 from engine.sampling.schedule import flow_match_sigmas
 
 log = logging.getLogger("flowopd")
@@ -200,6 +201,11 @@ class Trainer:
         self.uncond = self.embeddings.uncond.to(self.device)
         self.fields = {f.name: Field(f.name, None if f.source == "base" else f.source, f.cfg_scale) for f in c.fields}
         self.evaluator = self._build_evaluator()
+        self.runner = None  # kernels.cuda_graphs: captured rollout steps (eager `rollout` below is the reference)
+        if c.kernels.cuda_graphs:
+            self.runner = RolloutRunner(self.model, student_field(c.rollout.cfg_scale), self.uncond,
+                                        sampler=c.rollout.sampler, noise_level=c.rollout.noise_level,
+                                        switch=self.evaluator.switch)
 
         # ---- resume
         self.start_step = 0
@@ -381,9 +387,13 @@ class Trainer:
             routes = self.router.route(step, batch.tasks)
             cond = self._cond(batch.texts)
             with self.timer.range("rollout", "green"):
-                noise = SampleNoise(c.train.seed, batch.sample_ids, latent, self.device)
-                velocity = functools.partial(self.evaluator.field_velocity, student_roll, cond=cond)
-                traj = rollout(velocity, noise, self.sigmas, c.rollout.sampler, c.rollout.noise_level)
+                if self.runner is not None:  # in-kernel Philox step noise, still keyed by (seed, sample id, step)
+                    traj = self.runner.rollout(cond, PhiloxNoise(c.train.seed, batch.sample_ids, latent, self.device),
+                                               self.sigmas)
+                else:
+                    noise = SampleNoise(c.train.seed, batch.sample_ids, latent, self.device)
+                    velocity = functools.partial(self.evaluator.field_velocity, student_roll, cond=cond)
+                    traj = rollout(velocity, noise, self.sigmas, c.rollout.sampler, c.rollout.noise_level)
             queries = select_queries(c.rollout.steps, batch.sample_ids, c.opd.query_states, c.opd.query_bias,
                                      c.train.seed).to(self.device)
             arange = torch.arange(len(batch), device=self.device)
@@ -403,11 +413,13 @@ class Trainer:
                     v_target = v_all[: len(batch)]
                     v_anchor = v_all[len(batch):] if use_anchor else None
                 with self.timer.range("student", "red"):
-                    v_student = self.evaluator.field_velocity(student_loss, tr.x, tr.sigma, cond)
-                    out = opd_loss(c.opd, v_student, v_target, tr, v_anchor)
+                    with self.timer.range("student/forward", "red"):
+                        v_student = self.evaluator.field_velocity(student_loss, tr.x, tr.sigma, cond)
+                        out = opd_loss(c.opd, v_student, v_target, tr, v_anchor)
                     checks.append((rows, torch.isfinite(v_all.flatten(1)).all(1),
                                    torch.isfinite(v_student.detach().flatten(1)).all(1)))
-                    self.engine.backward(out.loss)
+                    with self.timer.range("student/backward", "red"):
+                        self.engine.backward(out.loss)
                 with self.timer.range("optimizer", "purple"):
                     self.engine.step()
                 for k, v in out.terms.items():
