@@ -125,7 +125,13 @@ def _init_distributed() -> tuple[int, int, int]:
 
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 2000))
+        if "MASTER_PORT" not in os.environ:
+            # a port the OS says is free: 29500 + pid % 2000 collided (EADDRINUSE) with several runs on one machine
+            import socket
+
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
     deepspeed.init_distributed(verbose=False, timeout=dist_timeout())
     return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", "0"))
 
