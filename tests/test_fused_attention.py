@@ -354,3 +354,25 @@ def test_cuda_bf16_each_backend(backend):
     assert _err(v, v_gold) <= 2 * _err(v_ref, v_gold) + 1e-3
     for a, b, c in zip(g, g_ref, g_gold):
         assert _err(a, c) <= 2 * _err(b, c) + 1e-2 * c.abs().max().item()
+
+
+def test_trainer_installs_fused_attention_through_the_dispatch_op(monkeypatch):
+    """`model.attention = "fused"` goes through dispatch op `joint_attention`, so the documented env override
+    (FLOWOPD_BACKEND_JOINT_ATTENTION=torch, or FLOWOPD_BACKEND=torch) gives diffusers' processor back."""
+    from types import SimpleNamespace
+
+    from engine import dispatch
+    from engine.config import load_config
+    from engine.trainer import Trainer
+
+    monkeypatch.setattr(dispatch, "_CHOICE", dict(dispatch._CHOICE))  # the trainer sets the op's choice
+    for var in ("FLOWOPD_BACKEND", "FLOWOPD_BACKEND_JOINT_ATTENTION"):
+        monkeypatch.delenv(var, raising=False)
+    config = load_config(None, ["model.attention='fused'"])
+    for var, want in ((None, fa.FusedJointAttnProcessor), ("FLOWOPD_BACKEND_JOINT_ATTENTION", JointAttnProcessor2_0),
+                      ("FLOWOPD_BACKEND", JointAttnProcessor2_0)):  # fmt: skip
+        if var is not None:
+            monkeypatch.setenv(var, "torch")
+        model, _ = Trainer._build_model(SimpleNamespace(config=config))
+        assert {type(m.processor) for m in fa._joint_attention_modules(model)} == {want}, var
+        monkeypatch.delenv(var or "FLOWOPD_BACKEND", raising=False)
