@@ -69,7 +69,9 @@ def _info() -> dict:
         commit = "unknown"
     versions = {p: importlib.metadata.version(p) for p in ("torch", "triton", "diffusers", "peft")}
     device = torch.cuda.get_device_name() if CUDA else "cpu"
-    return {"device": device, "dtype": str(DTYPE), "commit": commit, **versions}
+    # on CPU the QK-norm kernel of `ours` runs in the Triton interpreter: those times say nothing about a GPU
+    interpreted = not CUDA and os.environ.get("TRITON_INTERPRET") == "1"
+    return {"device": device, "dtype": str(DTYPE), "commit": commit, "triton_interpreted": interpreted, **versions}
 
 
 # --------------------------------------------------------------------------------------------- FLOPs

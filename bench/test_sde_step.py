@@ -9,13 +9,15 @@ Workloads, batch 16, 16 latent channels, bf16 (FLOWOPD_BENCH_DTYPE=float32|float
   the kernels fuse the combination and draw Philox noise in-kernel.
 - `rescore`: the training loss's re-scoring of a stored transition: reads x, v, prev_sample; writes mu and
   log_prob.
-Shapes 16x64x64 (512 px) and 16x128x128 (1024 px) on CUDA; one small shape on CPU, where only the reference
-runs (the Triton interpreter and the C++ ops are not benchmarks there). Modes: `eager` (launches from Python)
-and `graph` (the step captured once in a CUDA graph and replayed, as the graph rollout runs it).
+Shapes 16x64x64 (512 px) and 16x128x128 (1024 px) on CUDA; one small shape on CPU, where the reference and
+the Triton kernel in its interpreter run eagerly as a smoke test of this file (interpreter times say nothing
+about a GPU; `triton_interpreted` marks them); the C++ ops and graph mode need a GPU. Modes: `eager` (launches
+from Python) and `graph` (the step captured once in a CUDA graph and replayed, as the graph rollout runs it).
 Reported (extra_info, and a line on stdout): microseconds per step, effective GB/s = the minimal traffic
-(4 tensors of B*C*H*W elements + [B] outputs) / time, and that as a fraction of the device-to-device copy
-bandwidth measured in the same run (copy of 256 MiB, read + write counted). Issue goal on H100: fused >= 80% of
-copy bandwidth at 1024 px and >= 20x the unfused chain.
+(4 tensors of B*C*H*W elements + [B] outputs) / time, that as a fraction of the device-to-device copy
+bandwidth measured in the same run (copy of 256 MiB, read + write counted), and `speedup_vs_reference` (the
+unfused chain's median / this median, same workload, shape and mode). Issue goal on H100: fused >= 80% of copy
+bandwidth at 1024 px and >= 20x the unfused chain.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ PROVIDERS = ("reference", "triton", "cuda")
 STEPS_PER_ROUND = 50 if CUDA else 3  # launches timed together: one sync per round, not per ~10 us step
 ROUNDS = 20 if CUDA else 3
 DTYPE = getattr(torch, os.environ.get("FLOWOPD_BENCH_DTYPE", "bfloat16"))
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+_MEDIANS: dict[tuple, float] = {}  # (workload, shape, mode) -> reference seconds per step, for the speedup
 
 
 def _sync() -> None:
@@ -120,8 +124,8 @@ def _versions() -> dict[str, str]:
 @pytest.mark.parametrize("workload", ["rollout", "rescore"])
 def test_sde_step(benchmark, workload: str, shape: tuple[int, ...], provider: str, mode: str,
                   copy_gbps: float | None) -> None:
-    if provider != "reference" and not CUDA:
-        pytest.skip("GPU-only provider (the Triton interpreter is not a benchmark)")
+    if provider == "triton" and not (CUDA or INTERPRETED):
+        pytest.skip("Triton needs a GPU or TRITON_INTERPRET=1")
     if provider == "cuda":
         from kernels.native import native_available
 
@@ -166,9 +170,17 @@ def test_sde_step(benchmark, workload: str, shape: tuple[int, ...], provider: st
         "gb_per_s": gbps,
         "copy_gb_per_s": copy_gbps,
         "fraction_of_copy": gbps / copy_gbps if copy_gbps else None,
+        "triton_interpreted": provider == "triton" and not CUDA,
         **_versions(),
     }
+    key = (workload, tuple(shape), mode)
+    if provider == "reference":
+        _MEDIANS[key] = sec
+    elif key in _MEDIANS:
+        info["speedup_vs_reference"] = _MEDIANS[key] / sec
     benchmark.extra_info.update(info)
     frac = f"{info['fraction_of_copy']:6.1%} of copy" if copy_gbps else ""
+    if "speedup_vs_reference" in info:
+        frac += f" {info['speedup_vs_reference']:6.2f}x ref"
     print(f"\n[sde_step] {info['device']} {info['dtype']} {workload:7} {'x'.join(map(str, shape)):>13} "
           f"{provider:>9} {mode:5}: {sec * 1e6:9.1f} us  {gbps:8.1f} GB/s {frac}")

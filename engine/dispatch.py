@@ -45,8 +45,18 @@ def set_backend(op: str, backend: str) -> None:
 
 
 def requested(op: str) -> str:
-    env = os.environ.get(f"FLOWOPD_BACKEND_{op.upper()}") or os.environ.get("FLOWOPD_BACKEND")
-    return (env or _CHOICE.get(op) or _CHOICE.get("*") or "auto").lower()
+    """The backend asked for `op`: env FLOWOPD_BACKEND_<OP>, else env FLOWOPD_BACKEND, else the config, else auto.
+
+    A misspelt environment value is an error naming the variable (it would otherwise read as "unavailable" and
+    silently run the reference).
+    """
+    for var in (f"FLOWOPD_BACKEND_{op.upper()}", "FLOWOPD_BACKEND"):
+        value = os.environ.get(var, "").strip()
+        if value:
+            if value.lower() not in BACKENDS:
+                raise ValueError(f"{var}={value!r} is not a backend; valid: {', '.join(BACKENDS)}")
+            return value.lower()
+    return (_CHOICE.get(op) or _CHOICE.get("*") or "auto").lower()
 
 
 def resolve(op: str) -> Callable:

@@ -272,9 +272,10 @@ class Trainer:
             merge_into_student(model, ["_init"], "svd", [1.0])
             model.delete_adapters("_init")
         if c.model.attention == "fused":
-            from engine.models.attention import install_fused_attention
+            from engine.models.attention import install_attention
 
-            install_fused_attention(model, backend=c.model.attention_backend)
+            dispatch.set_backend("joint_attention", "triton")  # FLOWOPD_BACKEND[_JOINT_ATTENTION]=torch overrides
+            install_attention(model, backend=c.model.attention_backend)
         return model, preset
 
     def _check_disk_space(self, params: list[torch.nn.Parameter]) -> None:

@@ -33,6 +33,8 @@ import os
 import torch
 import torch.nn.functional as F
 
+from kernels.buffers import empty
+
 try:
     import triton
     import triton.language as tl
@@ -391,7 +393,7 @@ def _wgrad(
     m, r = p.shape
     # Row-block split: the N / 64 column programs alone (24 at N = 1536) would idle most of 132 SMs.
     split = max(1, min(32, triton.cdiv(m, 8 * _BLOCK_M)))
-    part = torch.empty((split, r, n), device=p.device, dtype=torch.float32)
+    part = empty((split, r, n), torch.float32, p.device)
     if seg_adapter.numel() == 0 or m == 0:
         return part.zero_().sum(0)
     grid = (triton.cdiv(n, _BLOCK_N), split)
@@ -439,7 +441,7 @@ class LoraSegmentedFunction(torch.autograd.Function):
         b, t, k = x3.shape
         n, r, _ = lora_a.shape
         y3 = F.linear(x3, weight, bias)
-        h = torch.empty((b * t, r), device=x.device, dtype=x.dtype)
+        h = empty((b * t, r), x.dtype, x.device)  # rows without adapter stay unwritten (and unread)
         _shrink(x3, lora_a, tuple(lora_a.stride()), seg_indptr, seg_adapter, h)
         _expand(h, lora_b, tuple(lora_b.stride()), scales, seg_indptr, seg_adapter, y3)
         ctx.save_for_backward(x3, weight, lora_a, lora_b, scales, seg_indptr, seg_adapter, h)
@@ -455,7 +457,7 @@ class LoraSegmentedFunction(torch.autograd.Function):
         n, r, _ = lora_a.shape
         u = None
         if need_x or need_a:
-            u = torch.empty((h.shape[0], r), device=h.device, dtype=h.dtype)
+            u = empty((h.shape[0], r), h.dtype, h.device)
             bt = (lora_b.stride(0), lora_b.stride(2), lora_b.stride(1))  # B_i^T as an [R, N] "A"
             _shrink(g3, lora_b, bt, seg_indptr, seg_adapter, u)
         dx = None

@@ -25,6 +25,8 @@ from collections.abc import Sequence
 
 import torch
 
+from kernels.buffers import empty
+
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
 if _HAS_TRITON:
     import triton
@@ -279,7 +281,7 @@ def qk_rmsnorm_fwd_triton(
     """Launch the forward kernel once per stream into (new or given) joint q, k, v buffers."""
     b, s_total, d = _joint_shape(ys, heads)
     if out is None:
-        out = tuple(torch.empty((b, s_total, heads, d), device=ys[0].device, dtype=ys[0].dtype) for _ in range(3))
+        out = tuple(empty((b, s_total, heads, d), ys[0].dtype, ys[0].device) for _ in range(3))
     q, k, v = out
     block_d = triton.next_power_of_2(d)
     off = 0
@@ -325,14 +327,14 @@ def qk_rmsnorm_bwd_triton(
         s = int(y.shape[1])
         y2 = _rows(y)
         m = y2.shape[0]
-        dy = out[i] if out is not None else torch.empty((b, s, y.shape[-1]), device=y.device, dtype=y.dtype)
+        dy = out[i] if out is not None else empty((b, s, y.shape[-1]), y.dtype, y.device)
         block_m = _block_m(m)
         grid = (triton.cdiv(m, block_m), heads)
         has_wq, has_wk = bool(nq and wq is not None), bool(nk and wk is not None)
         store_q, store_k = has_wq and want_dw[2 * i], has_wk and want_dw[2 * i + 1]
         part = (grid[0] * heads, block_d)
-        dwq = torch.empty(part, device=y.device, dtype=torch.float32) if store_q else _dummy(y2).float()
-        dwk = torch.empty(part, device=y.device, dtype=torch.float32) if store_k else _dummy(y2).float()
+        dwq = empty(part, torch.float32, y.device) if store_q else _dummy(y2).float()
+        dwk = empty(part, torch.float32, y.device) if store_k else _dummy(y2).float()
         _qk_rmsnorm_bwd_kernel[grid](
             y2, wq if wq is not None else _dummy(y2), wk if wk is not None else _dummy(y2), dq, dk, dv, dy, dwq, dwk,
             int(m), int(s), int(s_total), int(off), int(heads), int(d), int(y2.stride(0)), float(eps),

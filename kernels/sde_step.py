@@ -29,6 +29,7 @@ from typing import NamedTuple
 
 import torch
 
+from kernels.buffers import empty
 from kernels.philox import HAS_TRITON, noise_groups, philox_normal_ref
 
 if HAS_TRITON:
@@ -64,12 +65,7 @@ def triton_runs_on(t: torch.Tensor) -> bool:
     return HAS_TRITON and (t.is_cuda or (t.device.type == "cpu" and _interpreting()))
 
 
-def _empty(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Output buffer; NaN-poisoned under FLOWOPD_POISON=1 (tests) so an element the kernel skips shows."""
-    out = torch.empty(shape, dtype=dtype, device=device)
-    if os.environ.get("FLOWOPD_POISON") == "1":
-        out.fill_(float("nan") if dtype.is_floating_point else -1)
-    return out
+_empty = empty  # output buffers: NaN-poisoned under FLOWOPD_POISON=1 (kernels/buffers.py)
 
 
 # --------------------------------------------------------------------------------------------- reference

@@ -25,6 +25,12 @@ CONFIGS = {
 STATES = [STUDENT, "t1", None, [STUDENT, "t2"]]
 
 
+@pytest.fixture(autouse=True)
+def _poison(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Kernel outputs and scratch buffers start as NaN (kernels/buffers.py): a skipped element cannot pass."""
+    monkeypatch.setenv("FLOWOPD_POISON", "1")
+
+
 def build(config: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> SD3Transformer2DModel:
     kwargs = dict(get_preset("tiny").transformer)
     kwargs.update(CONFIGS[config])
@@ -284,12 +290,15 @@ def test_install_uninstall_and_dispatch(monkeypatch):
 
 
 @pytest.mark.parametrize("backend", ["flash", "xformers"])
-def test_attention_backend_falls_back_to_sdpa_where_unusable(backend, caplog):
+def test_attention_backend_falls_back_to_sdpa_where_unusable(backend, caplog, monkeypatch):
     q, k, v = (torch.randn(2, 9, 3, 8) for _ in range(3))
     if fa.attention_backend_usable(backend, q):
         pytest.skip(f"{backend} runs here")
+    monkeypatch.setattr(fa, "_WARNED", set())  # an earlier test may have logged this fallback already
     with caplog.at_level(logging.WARNING):
         out = fa.attention_bshd(q, k, v, backend)
+        fa.attention_bshd(q, k, v, backend)
+    assert sum(f"backend {backend!r} not usable" in r.getMessage() for r in caplog.records) == 1, caplog.text
     torch.testing.assert_close(out, fa.attention_bshd(q, k, v, "sdpa"))
     ref = torch.softmax(torch.einsum("bqhd,bkhd->bhqk", q, k) / 8**0.5, -1)
     torch.testing.assert_close(out, torch.einsum("bhqk,bkhd->bqhd", ref, v), atol=1e-5, rtol=1e-5)
@@ -345,3 +354,25 @@ def test_cuda_bf16_each_backend(backend):
     assert _err(v, v_gold) <= 2 * _err(v_ref, v_gold) + 1e-3
     for a, b, c in zip(g, g_ref, g_gold):
         assert _err(a, c) <= 2 * _err(b, c) + 1e-2 * c.abs().max().item()
+
+
+def test_trainer_installs_fused_attention_through_the_dispatch_op(monkeypatch):
+    """`model.attention = "fused"` goes through dispatch op `joint_attention`, so the documented env override
+    (FLOWOPD_BACKEND_JOINT_ATTENTION=torch, or FLOWOPD_BACKEND=torch) gives diffusers' processor back."""
+    from types import SimpleNamespace
+
+    from engine import dispatch
+    from engine.config import load_config
+    from engine.trainer import Trainer
+
+    monkeypatch.setattr(dispatch, "_CHOICE", dict(dispatch._CHOICE))  # the trainer sets the op's choice
+    for var in ("FLOWOPD_BACKEND", "FLOWOPD_BACKEND_JOINT_ATTENTION"):
+        monkeypatch.delenv(var, raising=False)
+    config = load_config(None, ["model.attention='fused'"])
+    for var, want in ((None, fa.FusedJointAttnProcessor), ("FLOWOPD_BACKEND_JOINT_ATTENTION", JointAttnProcessor2_0),
+                      ("FLOWOPD_BACKEND", JointAttnProcessor2_0)):  # fmt: skip
+        if var is not None:
+            monkeypatch.setenv(var, "torch")
+        model, _ = Trainer._build_model(SimpleNamespace(config=config))
+        assert {type(m.processor) for m in fa._joint_attention_modules(model)} == {want}, var
+        monkeypatch.delenv(var or "FLOWOPD_BACKEND", raising=False)

@@ -21,6 +21,12 @@ from kernels.lora_segmented import (
 
 pytestmark = pytest.mark.skipif(not triton_available(), reason="needs a GPU or TRITON_INTERPRET=1")
 
+
+@pytest.fixture(autouse=True)
+def _poison(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Kernel outputs and scratch buffers start as NaN (kernels/buffers.py): a skipped element cannot pass."""
+    monkeypatch.setenv("FLOWOPD_POISON", "1")
+
 # (B rows, T tokens per row or 0 for 2-D input, K in, N out, R padded rank, segments as (rows, slot))
 CASES = [
     pytest.param(7, 5, 37, 29, 9, [(2, 1), (0, 0), (3, -1), (2, 2)], id="odd-empty-base"),
@@ -180,3 +186,36 @@ def test_cuda_sd35_shapes(dtype):
     got = _grads(lora_segmented, inputs, gy)
     for name, g, p, rf in zip(("y", "dx", "dA", "dB"), got, plain, ref):
         _assert_close_rule(g, p, rf, dtype, name)
+
+
+@pytest.mark.cuda
+def test_cuda_graph_replays_with_new_segment_metadata():
+    """The grid depends on shapes only: one captured launch serves other segmentations copied into the same
+    metadata tensors (same segment count and rows; pad with empty segments to keep the count fixed)."""
+    segs_a = [(2, 0), (0, 1), (3, -1), (2, 2)]
+    segs_b = [(1, 2), (4, 0), (0, -1), (2, 1)]
+    dtype = torch.bfloat16
+    x, weight, bias, lora_a, lora_b, scales, indptr, adapter = (
+        t.cuda() for t in _make(7, 5, 37, 29, 9, segs_a, dtype)
+    )
+    metas = [(indptr.clone(), adapter.clone())]
+    metas.append(tuple(t.cuda() for t in _make(7, 5, 37, 29, 9, segs_b, dtype)[6:]))
+
+    def run():
+        return lora_segmented(x, weight, bias, lora_a, lora_b, scales, indptr, adapter)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.no_grad(), torch.cuda.stream(side):  # compile and warm up outside the capture
+        run()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        static = run()
+    for ip, ad in metas * 2:
+        indptr.copy_(ip)
+        adapter.copy_(ad)
+        graph.replay()
+        ref = lora_segmented_ref(x, weight, bias, lora_a, lora_b, scales, ip, ad, upcast=True)
+        plain = lora_segmented_ref(x, weight, bias, lora_a, lora_b, scales, ip, ad, upcast=False)
+        _assert_close_rule(static, plain, ref, dtype, f"graph replay, segments {ad.tolist()}")
