@@ -37,6 +37,9 @@ def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: di
     else:
         machine_info["device"] = {"type": "cpu", "name": platform.processor() or platform.machine(),
                                   "threads": torch.get_num_threads()}
+    if hasattr(os, "getloadavg"):  # on a shared machine, CPU timings mean little when this exceeds the core count
+        machine_info["loadavg_1_5_15"] = [round(x, 2) for x in os.getloadavg()]
+        machine_info["cpu_count"] = os.cpu_count()
 
 
 @pytest.fixture(scope="session")

@@ -21,7 +21,7 @@ from typing import Any
 from engine.models.lora import DEFAULT_TARGETS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CONFIG = REPO_ROOT / "configs" / "tiny.toml"
+DEFAULT_CONFIG = REPO_ROOT / "configs" / "toy.toml"
 
 LOSSES = ("mse", "gkd", "kl_only")
 ROUTINGS = ("task", "step", "epoch")
@@ -35,6 +35,18 @@ ATTENTION_BACKENDS = ("sdpa", "flash", "xformers")
 FIELD_EVALUATORS = ("reference", "batched")
 LORA_INITS = ("gaussian", "default", "zeros")
 RESERVED_NAMES = ("base", "student")
+
+
+TOY_PREFIX = "toy:"
+TOY_WEIGHTS = REPO_ROOT / "engine" / "toy" / "weights"
+
+
+def resolve_path(path: str) -> Path:
+    """A config path as a filesystem path: `toy:<rel>` names a file of the shipped miniature world
+    (engine/toy/weights/<rel>), so the embedded default runs from any working directory."""
+    if path.startswith(TOY_PREFIX):
+        return TOY_WEIGHTS / path[len(TOY_PREFIX):]
+    return Path(path)
 
 
 class ConfigError(ValueError):
@@ -124,6 +136,9 @@ class DataConfig:
     """Prompt-embedding cache (safetensors); empty = `<output_dir>/prompt_cache.safetensors`."""
     max_sequence_length: int = 256
     """T5 tokens for the SD3 encoders (77 CLIP + this many T5 tokens per prompt)."""
+    task_weights: dict[str, float] = field(default_factory=dict)
+    """Task tag -> sampling weight (every task of the prompt set needs one; 0 leaves a task out); empty = every
+    prompt equally likely, so tasks count by their number of prompts. Equal weights balance the tasks."""
 
 
 @dataclass
@@ -217,7 +232,29 @@ class KernelsConfig:
     default: str = "auto"
     """Backend of every other op."""
     cuda_graphs: bool = False
-    """Replay rollout steps as CUDA graphs (CUDA only; eager elsewhere)."""
+    """Roll out with `RolloutRunner`: each step (student forward + fused SDE/ODE step) captured once as a CUDA
+    graph and replayed (eager on CPU or when capture fails). SDE step noise then comes from the in-kernel Philox
+    stream, still keyed by (seed, sample id, step); switching this in a run changes the SDE noise."""
+
+
+@dataclass
+class ReportConfig:
+    enabled: bool = False
+    """At the end, score every model of the miniature world (needs `model.path = "toy:base"` or another toy-world
+    base): base, each teacher, both merges, this student and each variant; writes report.md/.json, samples.png and
+    rewards.png into output_dir."""
+    label: str = "OPD student"
+    """This run's row name in the table."""
+    variants: dict[str, list[str]] = field(default_factory=dict)
+    """Row name -> `--set` overrides on top of this config: each is another student trained after this one (in
+    `<output_dir>/variants/<name as a slug>`, resumable like the main run) and scored in the same table."""
+    eval_every: int = 0
+    """Score the student on the quick eval subset every N optimizer steps (rewards.jsonl, the reward curves);
+    0 = only the final table."""
+    seeds: list[int] = field(default_factory=lambda: [0])
+    """Noise seeds of the final table (mean +- std over them; engine.eval's fixed per-sample noise)."""
+    samples_per_prompt: int = 4
+    """Samples per eval prompt in the final table (the quick curve subset uses 2 per every other prompt)."""
 
 
 @dataclass
@@ -234,6 +271,7 @@ class Config:
     opd: OPDConfig = field(default_factory=OPDConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
 
 
 # --------------------------------------------------------------------------------------------- parsing
@@ -307,13 +345,36 @@ def _parse_scalar(text: str) -> Any:
         return text
 
 
+def _split_assignment(assignment: str) -> tuple[str, str]:
+    """`a."b=c".d=v` -> (`a."b=c".d`, `v`): the first `=` outside double quotes."""
+    quoted = False
+    for i, ch in enumerate(assignment):
+        if ch == '"':
+            quoted = not quoted
+        elif ch == "=" and not quoted:
+            return assignment[:i], assignment[i + 1:]
+    return assignment, ""
+
+
+def _key_parts(key: str) -> list[str]:
+    """A dotted key with TOML-style quoted parts: `report.variants."DanceOPD (v2.1)"` -> 3 parts."""
+    import re
+
+    parts = re.findall(r'\s*(?:"([^"]*)"|([^."\s]+))\s*(?:\.|$)', key.strip())
+    joined = ".".join(f'"{q}"' if q else b for q, b in parts)
+    return [q or b for q, b in parts] if joined == re.sub(r"\s*\.\s*", ".", key.strip()) else []
+
+
 def apply_override(data: dict, assignment: str, problems: list[str]) -> None:
     """Apply `a.b.c=value` (list items by index: `teachers.0.path=...`) to the raw dict `data`."""
     if "=" not in assignment:
         problems.append(f"--set {assignment!r}: expected key=value")
         return
-    key, text = assignment.split("=", 1)
-    parts = key.strip().split(".")
+    key, text = _split_assignment(assignment)
+    parts = _key_parts(key)
+    if not parts:
+        problems.append(f"--set {assignment!r}: cannot parse the key {key.strip()!r}")
+        return
     node: Any = data
     for i, part in enumerate(parts[:-1]):
         if isinstance(node, list):
@@ -362,6 +423,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if paths:
         problems.extend(check_paths(config))
         problems.extend(check_environment(config))
+        if not problems:  # each variant's own inputs (a variant may swap teachers, prompts or the model)
+            for name in config.report.variants:
+                v = variant_config(config, name)
+                problems.extend(f"report.variants.{name!r}: {q}" for q in check_paths(v) + check_environment(v))
     if problems:
         raise ConfigError(problems)
     return config
@@ -468,6 +533,11 @@ def validate(c: Config) -> list[str]:
         p.append("data.prompts is empty")
     if d.max_sequence_length <= 0:
         p.append(f"data.max_sequence_length = {d.max_sequence_length}; must be > 0")
+    for task, w in d.task_weights.items():
+        if w < 0:
+            p.append(f"data.task_weights.{task} = {w}; must be >= 0")
+    if d.task_weights and all(w <= 0 for w in d.task_weights.values()):
+        p.append("data.task_weights: every weight is 0; give at least one task a positive weight")
 
     r = c.rollout
     if r.steps < 2:
@@ -553,7 +623,65 @@ def validate(c: Config) -> list[str]:
     k = c.kernels
     _choice(p, "kernels.sde_step", k.sde_step, BACKENDS)
     _choice(p, "kernels.default", k.default, BACKENDS)
+    p.extend(_validate_report(c))
     return p
+
+
+def _validate_report(c: Config) -> list[str]:
+    rep = c.report
+    p: list[str] = []
+    if (rep.enabled or rep.eval_every) and c.data.encoder != "toy":
+        p.append(f"report.enabled / report.eval_every score the miniature world's eval prompts with its rewards, so "
+                 f"they need data.encoder = 'toy' (got {c.data.encoder!r})")
+    if rep.eval_every < 0:
+        p.append(f"report.eval_every = {rep.eval_every}; must be >= 0")
+    if rep.samples_per_prompt < 1:
+        p.append(f"report.samples_per_prompt = {rep.samples_per_prompt}; must be >= 1")
+    if not rep.seeds:
+        p.append("report.seeds is empty")
+    if rep.variants and not rep.enabled:
+        p.append("report.variants are trained for the report's table: set report.enabled = true")
+    if rep.label in rep.variants:
+        p.append(f"report.variants.{rep.label!r}: the same name as report.label")
+    dirs: dict[str, str] = {}
+    for name, overrides in rep.variants.items():
+        bad = [o for o in overrides if o.split("=", 1)[0].strip().split(".")[0] in ("output_dir", "report")]
+        if bad:
+            p.append(f"report.variants.{name!r}: {bad} cannot be overridden in a variant (it runs in "
+                     f"<output_dir>/variants/<name> and has no report of its own)")
+            continue
+        slug = variant_dir_name(name)
+        if slug in dirs:
+            p.append(f"report.variants.{name!r} and {dirs[slug]!r} map to the same directory variants/{slug}")
+        dirs[slug] = name
+        try:
+            variant_config(c, name)
+        except ConfigError as exc:
+            p.extend(f"report.variants.{name!r}: {q}" for q in exc.problems)
+    return p
+
+
+def variant_dir_name(name: str) -> str:
+    """`OPD student (DanceOPD, MSE)` -> `opd-student-danceopd-mse`: the variant's run dir under variants/."""
+    import re
+
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "variant"
+
+
+def variant_config(c: Config, name: str) -> Config:
+    """The report variant `name`: `c` with the variant's overrides, run in `<output_dir>/variants/<dir>`, without
+    variants or a report table of its own (its reward curve is kept). Raises ConfigError listing every problem."""
+    problems: list[str] = []
+    data = dataclasses.asdict(c)
+    for assignment in c.report.variants[name]:
+        apply_override(data, assignment, problems)
+    data["output_dir"] = str(Path(c.output_dir) / "variants" / variant_dir_name(name))
+    data["report"] = {**data["report"], "enabled": False, "variants": {}, "label": name}
+    config = _from_dict(Config, data, "", problems)
+    problems.extend(validate(config))
+    if problems:
+        raise ConfigError(problems)
+    return config
 
 
 def _latent_fits(latent_size: int, transformer: dict, what: str) -> list[str]:
@@ -603,6 +731,15 @@ def _check_prompts(c: Config) -> list[str]:
         tasks = sorted({q.task for q in load_prompts(c.data.prompts)})
     except (ValueError, ImportError, OSError) as exc:
         return [f"data.prompts = {c.data.prompts!r}: {exc}"]
+    if c.data.task_weights:
+        from engine.data.sampler import weighted_pool
+
+        try:
+            weighted_pool(load_prompts(c.data.prompts), c.data.task_weights)
+        except ValueError as exc:
+            return [str(exc)]
+        if unknown := sorted(set(c.data.task_weights) - set(tasks)):
+            return [f"data.task_weights: task(s) {unknown} have no prompts in data.prompts (tasks: {tasks})"]
     o = c.opd
     if o.routing == "task" and o.routes and (unrouted := [t for t in tasks if t not in o.routes]):
         return [f"opd.routes has no field for task(s) {unrouted} of data.prompts (routes: {sorted(o.routes)})"]
@@ -618,7 +755,8 @@ def _check_targets(c: Config) -> list[str]:
     from engine.models.presets import PRESETS
 
     if c.model.path:
-        cfg_file = next((d / "config.json" for d in (Path(c.model.path), Path(c.model.path) / "transformer")
+        model_dir = resolve_path(c.model.path)
+        cfg_file = next((d / "config.json" for d in (model_dir, model_dir / "transformer")
                          if (d / "config.json").is_file()), None)
         try:
             transformer = json.loads(cfg_file.read_text()) if cfg_file else None
@@ -655,7 +793,7 @@ def check_paths(c: Config) -> list[str]:
     p: list[str] = []
 
     def need(where: str, path: str, kind: str = "path") -> None:
-        if path and not Path(path).exists():
+        if path and not resolve_path(path).exists():
             p.append(f"{where}: {kind} not found: {path}")
 
     need("model.path", c.model.path, "model dir")
@@ -689,6 +827,8 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     if isinstance(value, dict):
+        if not value:
+            return "{}"
         return "{ " + ", ".join(f"{json.dumps(k)} = {_toml_value(v)}" for k, v in value.items()) + " }"
     raise TypeError(f"cannot write {type(value).__name__} to TOML")
 
@@ -745,7 +885,8 @@ def reference_markdown() -> str:
     sections = [("(top level)", Config), ("[model]", ModelConfig), ("[student]", LoraConfig),
                 ("[[teachers]]", TeacherConfig), ("[[fields]]", FieldConfig), ("[init]", InitConfig),
                 ("[data]", DataConfig), ("[rollout]", RolloutConfig), ("[opd]", OPDConfig),
-                ("[train]", TrainConfig), ("[kernels]", KernelsConfig)]
+                ("[train]", TrainConfig), ("[kernels]", KernelsConfig),
+                ("[report]", ReportConfig)]
     for title, cls in sections:
         out += [f"#### `{title}`", "", "| key | type | default | meaning |", "|---|---|---|---|"]
         hints = typing.get_type_hints(cls)

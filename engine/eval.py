@@ -18,18 +18,18 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from engine.models.lora import STUDENT, AdapterSwitch, LoraSpec, adapter_names, add_adapter, load_adapter
+from engine.models.lora import STUDENT, LoraSpec, adapter_names, add_adapter, load_adapter
 from engine.models.merge import merge_into_student
-from engine.models.velocity import Cond, predict_velocity
+from engine.models.velocity import Cond
 from engine.sampling.schedule import flow_match_sigmas
-from engine.sampling.steps import cfg_combine, ode_step
+from engine.sampling.steps import ode_step
 
 
 @dataclass(frozen=True)
@@ -60,33 +60,52 @@ def initial_noise(n_prompts: int, samples: int, seed: int, shape: Sequence[int])
     return out
 
 
+VelocityFn = Callable[[torch.Tensor, torch.Tensor, Cond], torch.Tensor]
+"""(x [B, C, H, W], sigma [B], cond) -> velocity, with whatever adapter and guidance the caller applies."""
+
+
+def field_velocity_fn(model: torch.nn.Module, adapter: str | None, uncond: Cond, cfg: float = 1.0) -> VelocityFn:
+    """The velocity of `adapter` (None = the base) on `model`, CFG-guided by `cfg`: the trainer's own field
+    evaluation (engine.opd.fields), so eval and training see the same velocity."""
+    from engine.opd.fields import Field, FieldEvaluator
+
+    field = Field("eval", adapter, cfg)
+    evaluator = FieldEvaluator(model, [field], uncond)
+    return lambda x, sigma, cond: evaluator.field_velocity(field, x, sigma, cond)
+
+
 @torch.no_grad()
-def ode_sample(
-    model: torch.nn.Module,
-    noise: torch.Tensor,
-    cond: Cond,
-    uncond: Cond | None = None,
-    steps: int = 10,
-    shift: float = 3.0,
-    cfg: float = 1.0,
-) -> torch.Tensor:
-    """Deterministic Euler ODE from `noise` (sigma 1) to sigma 0 with the active adapter."""
-    sigmas = flow_match_sigmas(steps, shift)
-    x = noise.clone()
-    n = x.shape[0]
-    if cfg != 1.0:
-        if uncond is None:
-            raise ValueError("cfg != 1 needs the unconditional conditioning")
-        both = Cond.cat([uncond.expand(n) if len(uncond) == 1 else uncond, cond])
+def ode_sample(velocity: VelocityFn, noise: torch.Tensor, cond: Cond, steps: int = 10,
+               shift: float = 3.0) -> torch.Tensor:
+    """Deterministic Euler ODE from `noise` (sigma 1) to sigma 0 (float32 state, any model dtype)."""
+    sigmas = flow_match_sigmas(steps, shift).to(noise.device)
+    x = noise.float().clone()
     for i in range(steps):
-        sigma = sigmas[i].expand(n)
-        if cfg == 1.0:
-            v = predict_velocity(model, x, sigma, cond)
-        else:
-            vv = predict_velocity(model, torch.cat([x, x]), torch.cat([sigma, sigma]), both)
-            v = cfg_combine(vv[:n], vv[n:], cfg)
+        v = velocity(x, sigmas[i].expand(x.shape[0]), cond)
         x = ode_step(x, v.float(), sigmas[i], sigmas[i + 1])
     return x
+
+
+@torch.no_grad()
+def sample_with(
+    velocity: VelocityFn,
+    encoder,
+    prompts: Sequence[str],
+    settings: EvalSettings = EvalSettings(),
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """[len(prompts) * N, 3, 16, 16] images in [-1, 1] (on the CPU), N per prompt (prompt-major)."""
+    from engine.toy.world import CHANNELS, IMAGE_SIZE
+
+    n = settings.samples_per_prompt
+    noise = initial_noise(len(prompts), n, settings.seed, (CHANNELS, IMAGE_SIZE, IMAGE_SIZE))
+    cond = encoder.encode([p for p in prompts for _ in range(n)])
+    outs = []
+    for s in range(0, noise.shape[0], settings.batch):
+        chunk = cond[s : s + settings.batch].to(device)
+        outs.append(ode_sample(velocity, noise[s : s + settings.batch].to(device), chunk, settings.steps,
+                               settings.shift).cpu())
+    return torch.cat(outs).clamp(-1.0, 1.0)
 
 
 @torch.no_grad()
@@ -98,21 +117,9 @@ def sample_images(
     adapter: str | None = None,
 ) -> torch.Tensor:
     """[len(prompts) * N, 3, 16, 16] images in [-1, 1], N per prompt (prompt-major), with `adapter` active."""
-    from engine.toy.world import CHANNELS, IMAGE_SIZE
-
-    n = settings.samples_per_prompt
-    noise = initial_noise(len(prompts), n, settings.seed, (CHANNELS, IMAGE_SIZE, IMAGE_SIZE))
-    cond = encoder.encode([p for p in prompts for _ in range(n)])
-    uncond = encoder.encode([""])
-    switch = AdapterSwitch(model)
-    outs = []
-    with switch.use(adapter):
-        for s in range(0, noise.shape[0], settings.batch):
-            outs.append(
-                ode_sample(model, noise[s : s + settings.batch], cond[s : s + settings.batch], uncond,
-                           settings.steps, settings.shift, settings.cfg)
-            )
-    return torch.cat(outs).clamp(-1.0, 1.0)
+    device = next(model.parameters()).device
+    velocity = field_velocity_fn(model, adapter, encoder.encode([""]).to(device), settings.cfg)
+    return sample_with(velocity, encoder, prompts, settings, device)
 
 
 def evaluate(

@@ -1,6 +1,7 @@
 """flowopd training entry point.
 
-    deepspeed engine/train.py                                  # the embedded default (the miniature world)
+    deepspeed engine/train.py                                  # the embedded default: the miniature world's
+                                                               # Flow-OPD + DanceOPD students and their report
     deepspeed engine/train.py --config configs/tiny.toml --output-dir out/tiny
     deepspeed --num_gpus 8 engine/train.py --config configs/sd35m_flow_opd.toml --output-dir runs/flow_opd \
         --set model.path=/models/sd35m --set train.steps=2000
@@ -58,18 +59,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    from engine.trainer import Trainer  # heavy imports after the config is known to be valid
+    from engine.experiment import run  # heavy imports after the config is known to be valid
 
     try:
-        trainer = Trainer(config)
-        try:
-            trainer.train()
-        finally:
-            trainer.close()
+        run(config)
     except Exception as exc:  # every failure ends in one clear line (plus a traceback when unexpected)
         return _fail(exc, config.output_dir)
-    if trainer.rank == 0:
-        print(f"done: {config.output_dir}/export")
     return 0
 
 

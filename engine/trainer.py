@@ -17,6 +17,7 @@ import os
 import shutil
 import time
 import zlib
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,7 @@ from engine.checkpoint import (
     to_universal,
     write_atomic,
 )
-from engine.config import Config, ConfigError, to_toml
+from engine.config import Config, ConfigError, resolve_path, to_toml
 from engine.data.cache import load_or_build
 from engine.data.encoders import build_encoder
 from engine.data.prompts import load_prompts
@@ -54,10 +55,14 @@ from engine.opd.losses import Transition, opd_loss
 from engine.opd.query import select_queries
 from engine.opd.routing import Router
 from engine.profiling import CudaProfilerWindow, PhaseTimer
-from engine.sampling.rollout import SampleNoise, rollout
+from engine.sampling.rollout import PhiloxNoise, SampleNoise, rollout
+from engine.sampling.rollout_graph import RolloutRunner
 from engine.sampling.schedule import flow_match_sigmas
 
 log = logging.getLogger("flowopd")
+
+StepCallback = Callable[["Trainer", int], None]
+"""`cb(trainer, finished_steps)`: see Trainer.train (the toy world's reward curve is one)."""
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Config keys whose change makes a checkpoint unusable for resuming (the student's shape and its base).
@@ -120,7 +125,13 @@ def _init_distributed() -> tuple[int, int, int]:
 
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 2000))
+        if "MASTER_PORT" not in os.environ:
+            # a port the OS says is free: 29500 + pid % 2000 collided (EADDRINUSE) with several runs on one machine
+            import socket
+
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
     deepspeed.init_distributed(verbose=False, timeout=dist_timeout())
     return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", "0"))
 
@@ -171,7 +182,7 @@ class Trainer:
         if self.rank != 0:
             self.embeddings = load_or_build(encoder, [p.text for p in self.prompts], cache)
         self.sampler = PromptSampler(self.prompts, c.train.seed, c.train.prompts_per_step, c.rollout.group_size,
-                                     c.train.grad_accum, self.world, self.rank)
+                                     c.train.grad_accum, self.world, self.rank, c.data.task_weights or None)
 
         # ---- schedule and query chunks
         self.sigmas = flow_match_sigmas(c.rollout.steps, c.rollout.shift).to(self.device)
@@ -196,6 +207,11 @@ class Trainer:
         self.uncond = self.embeddings.uncond.to(self.device)
         self.fields = {f.name: Field(f.name, None if f.source == "base" else f.source, f.cfg_scale) for f in c.fields}
         self.evaluator = self._build_evaluator()
+        self.runner = None  # kernels.cuda_graphs: captured rollout steps (eager `rollout` below is the reference)
+        if c.kernels.cuda_graphs:
+            self.runner = RolloutRunner(self.model, student_field(c.rollout.cfg_scale), self.uncond,
+                                        sampler=c.rollout.sampler, noise_level=c.rollout.noise_level,
+                                        switch=self.evaluator.switch)
 
         # ---- resume
         self.start_step = 0
@@ -218,7 +234,7 @@ class Trainer:
     def _build_model(self) -> tuple[torch.nn.Module, Any]:
         c = self.config
         if c.model.path:
-            model = load_transformer(c.model.path, torch.float32)
+            model = load_transformer(resolve_path(c.model.path), torch.float32)
             seq_len = 77 + c.data.max_sequence_length if c.data.encoder not in ("builtin", "toy") else None
             if c.data.encoder == "toy":
                 from engine.toy.encoder import ToyTextEncoder
@@ -243,7 +259,7 @@ class Trainer:
             if t.random_seed >= 0:
                 random_adapter(model, t.name, LoraSpec(t.rank, float(t.rank), tuple(s.targets)), t.random_seed)
             else:
-                load_adapter(model, t.name, t.path, alpha=t.alpha or None)
+                load_adapter(model, t.name, resolve_path(t.path), alpha=t.alpha or None)
         if c.init.merge != "none":
             names = c.init.teachers or [t.name for t in c.teachers]
             off = [f"{n} (rank {model.peft_config[n].r})" for n in names if model.peft_config[n].r != s.rank]
@@ -252,7 +268,7 @@ class Trainer:
                                    f"student.rank = {s.rank}: {', '.join(off)}; use init.merge = 'svd'"])
             merge_into_student(model, names, c.init.merge, c.init.weights or None)
         elif c.init.adapter:
-            load_adapter(model, "_init", c.init.adapter)
+            load_adapter(model, "_init", resolve_path(c.init.adapter))
             merge_into_student(model, ["_init"], "svd", [1.0])
             model.delete_adapters("_init")
         if c.model.attention == "fused":
@@ -377,9 +393,13 @@ class Trainer:
             routes = self.router.route(step, batch.tasks)
             cond = self._cond(batch.texts)
             with self.timer.range("rollout", "green"):
-                noise = SampleNoise(c.train.seed, batch.sample_ids, latent, self.device)
-                velocity = functools.partial(self.evaluator.field_velocity, student_roll, cond=cond)
-                traj = rollout(velocity, noise, self.sigmas, c.rollout.sampler, c.rollout.noise_level)
+                if self.runner is not None:  # in-kernel Philox step noise, still keyed by (seed, sample id, step)
+                    traj = self.runner.rollout(cond, PhiloxNoise(c.train.seed, batch.sample_ids, latent, self.device),
+                                               self.sigmas)
+                else:
+                    noise = SampleNoise(c.train.seed, batch.sample_ids, latent, self.device)
+                    velocity = functools.partial(self.evaluator.field_velocity, student_roll, cond=cond)
+                    traj = rollout(velocity, noise, self.sigmas, c.rollout.sampler, c.rollout.noise_level)
             queries = select_queries(c.rollout.steps, batch.sample_ids, c.opd.query_states, c.opd.query_bias,
                                      c.train.seed).to(self.device)
             arange = torch.arange(len(batch), device=self.device)
@@ -399,11 +419,13 @@ class Trainer:
                     v_target = v_all[: len(batch)]
                     v_anchor = v_all[len(batch):] if use_anchor else None
                 with self.timer.range("student", "red"):
-                    v_student = self.evaluator.field_velocity(student_loss, tr.x, tr.sigma, cond)
-                    out = opd_loss(c.opd, v_student, v_target, tr, v_anchor)
+                    with self.timer.range("student/forward", "red"):
+                        v_student = self.evaluator.field_velocity(student_loss, tr.x, tr.sigma, cond)
+                        out = opd_loss(c.opd, v_student, v_target, tr, v_anchor)
                     checks.append((rows, torch.isfinite(v_all.flatten(1)).all(1),
                                    torch.isfinite(v_student.detach().flatten(1)).all(1)))
-                    self.engine.backward(out.loss)
+                    with self.timer.range("student/backward", "red"):
+                        self.engine.backward(out.loss)
                 with self.timer.range("optimizer", "purple"):
                     self.engine.step()
                 for k, v in out.terms.items():
@@ -566,7 +588,9 @@ class Trainer:
             return None
         return export_adapter(self.model, self.out / "export", STUDENT)
 
-    def train(self) -> list[dict[str, Any]]:
+    def train(self, callbacks: Sequence[StepCallback] = ()) -> list[dict[str, Any]]:
+        """Run the remaining steps. Each callback is called as `cb(trainer, n)` with the number of finished steps:
+        once before the first step of a fresh run (n = 0) and after every step, before that step's checkpoint."""
         from tqdm import tqdm
 
         c = self.config.train
@@ -574,6 +598,9 @@ class Trainer:
         bar = tqdm(range(self.start_step, c.steps), initial=self.start_step, total=c.steps, desc="opd",
                    disable=self.rank != 0, dynamic_ncols=True)
         fault = self.faults
+        if self.start_step == 0:
+            for cb in callbacks:
+                cb(self, 0)
         for step in bar:
             if fault is not None:
                 fault.hit("step.begin", step)
@@ -588,6 +615,8 @@ class Trainer:
             if fault is not None:
                 fault.hit("step.logged", step)
             bar.set_postfix(loss=f"{row.get('loss', float('nan')):.4g}", img_s=f"{row['images_per_s']:.1f}")
+            for cb in callbacks:
+                cb(self, step + 1)
             if (c.save_every and (step + 1) % c.save_every == 0) or step + 1 == c.steps:
                 self.save_checkpoint(step + 1, final=step + 1 == c.steps)
         self.export()

@@ -11,10 +11,12 @@ from engine.config import (
     load_config,
     reference_markdown,
     to_toml,
+    variant_config,
 )
 from engine.train import main
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.toml"))
+TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.toml"
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
@@ -25,13 +27,22 @@ def test_shipped_configs_are_valid_and_round_trip(path: Path, tmp_path: Path) ->
     assert load_config(written) == cfg
 
 
-def test_default_config_loads() -> None:
-    assert isinstance(load_config(None), Config)
+def test_default_config_is_the_miniature_world() -> None:
+    cfg = load_config(None, paths=True)
+    assert isinstance(cfg, Config)
+    assert cfg.model.path == "toy:base" and cfg.data.encoder == "toy" and cfg.report.enabled
+    assert {t.name for t in cfg.teachers} == {"compose", "text", "aesthetic"} and cfg.init.merge != "none"
+    assert cfg.opd.anchor and cfg.opd.loss == "gkd"  # Flow-OPD with MAR ...
+    (name, _), = cfg.report.variants.items()
+    dance = variant_config(cfg, name)  # ... and DanceOPD as the variant
+    assert (dance.opd.loss, dance.rollout.sampler, dance.opd.query_states, dance.opd.query_bias) == (
+        "mse", "ode", 1, "low")
+    assert Path(dance.output_dir).parent == Path(cfg.output_dir) / "variants"
 
 
 def test_every_problem_is_listed_once() -> None:
     with pytest.raises(ConfigError) as err:
-        load_config(None, [
+        load_config(TINY, [
             "model.presett=x",
             "student.rank=0",
             "student.alpha='big'",
@@ -70,25 +81,25 @@ def test_unknown_teacher_and_field_references() -> None:
 
 
 def test_overrides_types_and_list_items() -> None:
-    cfg = load_config(None, ["train.steps=7", "teachers.1.random_seed=9", "opd.beta=0", "student.targets=['to_q']",
+    cfg = load_config(TINY, ["train.steps=7", "teachers.1.random_seed=9", "opd.beta=0", "student.targets=['to_q']",
                              "data.prompts=builtin:tiny"])
     assert cfg.train.steps == 7 and cfg.teachers[1].random_seed == 9 and cfg.opd.beta == 0.0
     assert cfg.student.targets == ["to_q"] and cfg.data.prompts == "builtin:tiny"
     with pytest.raises(ConfigError, match="no list item '5'"):
-        load_config(None, ["teachers.5.rank=3"])
+        load_config(TINY, ["teachers.5.rank=3"])
     with pytest.raises(ConfigError, match="expected int, got float"):
-        load_config(None, ["train.steps=2.5"])
+        load_config(TINY, ["train.steps=2.5"])
     with pytest.raises(ConfigError, match="expected key=value"):
-        load_config(None, ["train.steps"])
+        load_config(TINY, ["train.steps"])
 
 
 def test_mode_specific_requirements() -> None:
     with pytest.raises(ConfigError, match="needs rollout.sampler = 'sde'"):
-        load_config(None, ["opd.loss='kl_only'", "rollout.sampler='ode'"])
+        load_config(TINY, ["opd.loss='kl_only'", "rollout.sampler='ode'"])
     with pytest.raises(ConfigError, match="needs opd.weights"):
-        load_config(None, ["opd.routing='step'"])
+        load_config(TINY, ["opd.routing='step'"])
     with pytest.raises(ConfigError, match="opd.query_states = 9"):
-        load_config(None, ["opd.query_states=9"])
+        load_config(TINY, ["opd.query_states=9"])
 
 
 def test_cli_reports_bad_config_and_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -7,7 +7,7 @@ import torch
 
 from engine.config import OPDConfig
 from engine.data.prompts import Prompt, parse_tagged
-from engine.data.sampler import PromptSampler
+from engine.data.sampler import PromptSampler, weighted_pool
 from engine.opd.query import bin_probabilities, select_queries
 from engine.opd.routing import Router, RoutingError
 
@@ -106,3 +106,36 @@ def test_sampler_epochs_are_permutations() -> None:
     assert sorted(first_epoch) == list(range(6))
     assert s.batch(0).sample_ids == [0, 1, 2] and PromptSampler(prompts, 1, 3, group_size=2).batch(1).sample_ids == [
         6, 7, 8, 9, 10, 11]
+
+
+def test_task_weights_reshape_the_epoch() -> None:
+    prompts = [Prompt(f"a{i}", "a") for i in range(6)] + [Prompt(f"b{i}", "b") for i in range(2)] + [
+        Prompt("c0", "c")]
+    pool = weighted_pool(prompts, {"a": 1.0, "b": 1.0, "c": 0.5})
+    tasks = collections.Counter(prompts[i].task for i in pool)
+    assert tasks == {"a": 6, "b": 6, "c": 3}  # b's 2 prompts cycled to 6 slots, c gets half
+    assert collections.Counter(pool)[6] == 3 and collections.Counter(pool)[7] == 3
+    assert "a" not in {prompts[i].task for i in weighted_pool(prompts, {"a": 0.0, "b": 1.0, "c": 1.0})}
+    with pytest.raises(ValueError, match=r"no weight for task\(s\) \['c'\]"):
+        weighted_pool(prompts, {"a": 1.0, "b": 1.0})
+
+    # one epoch of the weighted sampler is a permutation of the pool; ranks still split one rank's draw exactly
+    single = PromptSampler(prompts, seed=3, per_rank=5, task_weights={"a": 1, "b": 1, "c": 0.5})
+    epoch = sum((single.batch(s).prompt_ids for s in range(3)), [])
+    assert sorted(epoch) == sorted(pool)
+    ranks = [PromptSampler(prompts, seed=3, per_rank=1, world=5, rank=k, task_weights={"a": 1, "b": 1, "c": 0.5})
+             for k in range(5)]
+    for step in range(4):
+        assert single.batch(step).prompt_ids == sum((r.batch(step).prompt_ids for r in ranks), [])
+
+
+def test_task_weights_config_errors_name_the_task() -> None:
+    from engine.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["data.task_weights={compose=1.0, text=-1.0}"])
+    assert "data.task_weights.text = -1.0; must be >= 0" in str(err.value)
+    with pytest.raises(ConfigError, match=r"no weight for task\(s\) \['aesthetic'\]"):
+        load_config(None, ["data.task_weights={compose=1.0, text=1.0}"], paths=True)
+    with pytest.raises(ConfigError, match=r"task\(s\) \['ocr'\] have no prompts"):
+        load_config(None, ["data.task_weights={compose=1.0, text=1.0, aesthetic=1.0, ocr=2.0}"], paths=True)

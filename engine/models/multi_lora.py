@@ -38,6 +38,7 @@ from engine import dispatch
 from engine.models.lora import STUDENT, adapter_names, lora_layers
 from engine.models.velocity import Cond, predict_velocity
 from engine.opd.fields import Field, FieldEvaluator
+from engine.profiling import nvtx_range
 from engine.sampling.steps import cfg_combine
 from kernels.lora_segmented import lora_segmented, lora_segmented_torch, triton_available
 
@@ -434,7 +435,8 @@ class BatchedFieldEvaluator(FieldEvaluator):
             prompt = torch.where(unc[:, None, None], u.prompt_embeds.to(prompt.dtype), prompt)
             pooled = torch.where(unc[:, None], u.pooled.to(pooled.dtype), pooled)
         batch = SegmentBatch.from_slots(plan.slots, dev)
-        with self.state.segments(batch):
+        names = ",".join(dict.fromkeys(fields[i].name for i in rows))
+        with nvtx_range(f"fields:batched[{names}]", "orange"), self.state.segments(batch):
             v = predict_velocity(self.model, x[src], sigma[src], Cond(prompt, pooled))
         parts = []
         for name in dict.fromkeys(fields[i].name for i in rows):  # first-seen order, as the reference

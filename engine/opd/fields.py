@@ -20,6 +20,7 @@ import torch
 
 from engine.models.lora import STUDENT, AdapterSwitch
 from engine.models.velocity import Cond, predict_velocity
+from engine.profiling import nvtx_range
 from engine.sampling.steps import cfg_combine
 
 
@@ -56,7 +57,7 @@ class FieldEvaluator:
 
     def field_velocity(self, field: Field, x: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> torch.Tensor:
         """Velocity of one field on all rows of `x` (grad flows if enabled and the adapter is trainable)."""
-        with self.switch.use(field.adapter):
+        with nvtx_range(f"field:{field.name}/{field.adapter or 'base'}", "orange"), self.switch.use(field.adapter):
             if not field.guided:
                 return predict_velocity(self.model, x, sigma, cond)
             n = x.shape[0]

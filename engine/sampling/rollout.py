@@ -2,7 +2,12 @@
 
 Noise is drawn per sample from counter-based seeds (engine.rng): the initial latent of global sample c is
 f(seed, c) and its step-t noise f(seed, c, t), so a trajectory does not depend on the batch it ran in, the
-rank that ran it, or on resuming. `RolloutRunner` in rollout_graph.py replays the same loop as CUDA graphs.
+rank that ran it, or on resuming. Two streams keep that contract:
+- `SampleNoise` (the reference, `kernels.cuda_graphs = false`): one torch generator per (sample, step);
+- `PhiloxNoise` (`RolloutRunner` in rollout_graph.py, `kernels.cuda_graphs = true`): the same initial latent,
+  step noise from the Philox stream of kernels/philox.py keyed by (derive_seed(seed, NOISE, c), offset t), which
+  the fused step kernels draw in-kernel, so a captured step needs no noise input. Its `step(t)` materialises
+  that stream (float64 Box-Muller, cast to float32) for the eager `rollout()` below, so both can be compared.
 """
 
 from __future__ import annotations
@@ -57,6 +62,24 @@ class SampleNoise:
 
     def step(self, t: int) -> torch.Tensor:
         return self._draw(t)
+
+
+class PhiloxNoise(SampleNoise):
+    """`SampleNoise`'s initial latents; step-t noise of sample c = Philox(key derive_seed(seed, NOISE, c), offset t).
+
+    One key per row, so a row's noise does not depend on its batch position (kernels/philox.py: counter word 1 is
+    0 with per-row seeds) and stays a pure function of (seed, sample id, step): resume and rank splits are exact.
+    """
+
+    def row_seeds(self) -> list[int]:
+        """The int64 Philox key of every row (what the fused kernels read from a device tensor)."""
+        return [rng.derive_seed(self.seed, rng.NOISE, sid) for sid in self.ids]
+
+    def step(self, t: int) -> torch.Tensor:
+        from kernels.philox import philox_normal_ref  # kernel modules only on use (TRITON_INTERPRET is read then)
+
+        seeds = torch.tensor(self.row_seeds(), dtype=torch.int64, device=self.device)
+        return philox_normal_ref(seeds, t, (len(self.ids), *self.shape), self.device).float()
 
 
 @torch.no_grad()

@@ -8,6 +8,7 @@ Unknown words map to `[unk]`; the unconditional prompt is "" (all `[pad]`).
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -75,9 +76,21 @@ class ToyTextEncoder(nn.Module):
         save_file(state, str(out_dir / WEIGHTS_NAME))
         return out_dir
 
+    @property
+    def identity(self) -> str:
+        """Keys the prompt-embedding cache: changes whenever the weights (and so the outputs) do."""
+        if not hasattr(self, "_identity"):
+            h = hashlib.sha256()
+            for k, v in sorted(self.state_dict().items()):
+                h.update(k.encode())
+                h.update(v.detach().cpu().float().numpy().tobytes())
+            self._identity = f"toy:{self.seq_len}:{self.dim}:{h.hexdigest()[:16]}"
+        return self._identity
+
     @classmethod
-    def from_pretrained(cls, path: str | Path) -> ToyTextEncoder:
-        path = Path(path)
+    def from_pretrained(cls, path: str | Path | None = None) -> ToyTextEncoder:
+        """Load a saved encoder (default: the shipped one, engine/toy/weights/encoder)."""
+        path = Path(path) if path is not None else Path(__file__).resolve().parent / "weights" / "encoder"
         cfg = json.loads((path / CONFIG_NAME).read_text())
         enc = cls(**cfg)
         enc.load_state_dict(load_file(str(path / WEIGHTS_NAME)))
