@@ -12,7 +12,8 @@ points (in the order they happen):
   ckpt.write      checkpoint <step> (the step it resumes at): DeepSpeed is writing `<tag>.partial`
                   (action `enospc` makes its optimizer-state file write fail: torch.save into /dev/full, the
                   error a full disk gives (a RuntimeError from torch's zip writer), after a truncated file is
-                  left in place; rank 0 has written the module-state file by then)
+                  left in place; action `kill` leaves the first half of that file on disk, then SIGKILLs; rank 0
+                  has written the module-state file by then)
   ckpt.saved      every rank's DeepSpeed files are in `<tag>.partial`; no manifest yet
   ckpt.manifest   the manifest is written into `<tag>.partial`; not yet renamed
   ckpt.renamed    `<tag>.partial` was renamed to `<tag>`; `latest.json` still names the previous one
@@ -88,13 +89,24 @@ class FaultInjector:
 
     def wrap_writer(self, step: int, save: Callable[..., Any]) -> Callable[..., Any]:
         """`save(state_dict, path)` (DeepSpeed's checkpoint-engine writer), failing on the optimizer-state file
-        when `ckpt.write@step` is `enospc`: the fault lands inside DeepSpeed's own write."""
-        if not any(f.point == "ckpt.write" and f.step == step and f.action == "enospc" for f in self.faults):
+        when `ckpt.write@step` is `enospc` or `kill`: the fault lands inside DeepSpeed's own write."""
+        actions = {f.action for f in self.faults if f.point == "ckpt.write" and f.step == step}
+        if not actions & {"enospc", "kill"}:
             return save
 
         def failing_save(state_dict: Any, path: str) -> Any:
             if "optim_states" not in str(path):
                 return save(state_dict, path)
+            if "kill" in actions:  # killed mid-write: what torch.save had streamed out so far, then nothing
+                import io
+
+                import torch
+
+                buffer = io.BytesIO()
+                torch.save(state_dict, buffer)
+                with open(path, "wb") as fh:
+                    fh.write(buffer.getbuffer()[: buffer.tell() // 2])
+                os.kill(os.getpid(), signal.SIGKILL)
             if os.path.exists("/dev/full"):  # the genuine error: torch.save into a full device
                 Path(path).write_bytes(b"PK\x03\x04")  # what a full disk leaves: the start of the zip
                 return save(state_dict, "/dev/full")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -184,3 +185,36 @@ def test_average_merge_matches_reference_code() -> None:
     with pytest.raises(ValueError, match="rank"):
         random_adapter(model, "c", LoraSpec(2, 2.0), seed=3)
         merge_into_student(model, ["c"], "average")
+
+
+def test_export_loads_through_the_sd3_pipeline_with_identical_outputs(tmp_path: Path) -> None:
+    """`StableDiffusion3Pipeline.load_lora_weights` (the README's usage) takes another path than the model-level
+    loader: the pipeline splits the file by component prefix and reads the alpha from the metadata itself."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    model = tiny_model()
+    randomize_student(model)
+    AdapterSwitch(model).activate(STUDENT)
+    inputs = tiny_inputs(seed=5)
+    expected = velocity(model, inputs)
+    out = export_adapter(model, tmp_path / "export")
+    components = dict.fromkeys(["vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2",
+                                "text_encoder_3", "tokenizer_3"])
+    pipe = StableDiffusion3Pipeline(transformer=build_preset("tiny", seed=0),
+                                    scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), **components)
+    pipe.load_lora_weights(str(out), weight_name=DIFFUSERS_WEIGHTS, adapter_name="student")
+    assert adapter_scale(pipe.transformer, "student") == 2.0  # alpha 8 / rank 4, from the file's metadata
+    torch.testing.assert_close(velocity(pipe.transformer, inputs), expected, rtol=0, atol=0)
+
+
+def test_export_is_readable_like_any_new_file(tmp_path: Path) -> None:
+    model = tiny_model()
+    mask = 0o027  # e.g. a group-readable cluster setting
+    old = os.umask(mask)
+    try:
+        out = export_adapter(model, tmp_path / "export")
+    finally:
+        os.umask(old)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~mask
+    assert {f.name: f.stat().st_mode & 0o777 for f in out.iterdir()} == {
+        name: 0o666 & ~mask for name in (PEFT_CONFIG, PEFT_WEIGHTS, DIFFUSERS_WEIGHTS, SUMS)}

@@ -108,7 +108,8 @@ def test_sigkill_anywhere_then_rerun_equals_an_uninterrupted_run(tmp_path: Path)
     #  what the start-up log must say about the previous kill's leftovers)
     partial2 = f"removed {out / 'checkpoints' / 'step_00000002.partial'}"
     script = [
-        ("ckpt.saved@2=kill", [], None, [0, 1], ""),  # DeepSpeed wrote step_2.partial, no manifest
+        ("ckpt.write@2=kill", [], None, [0, 1], ""),  # half of DeepSpeed's optimizer-state file written
+        ("ckpt.saved@2=kill", [], None, [0, 1], partial2),  # DeepSpeed wrote step_2.partial, no manifest
         ("ckpt.manifest@2=kill", [], None, [0, 1], partial2),  # manifest in step_2.partial, not renamed
         ("ckpt.renamed@4=kill", [2, 4], None, [0, 1, 2, 3], partial2),  # latest.json still names step_2
         ("ckpt.pointer@6=kill", [2, 4, 6], ("step_00000004", 4), [0, 1, 2, 3, 4, 5], ""),  # not pruned yet

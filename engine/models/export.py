@@ -42,6 +42,16 @@ def adapter_config_dict(model: torch.nn.Module, name: str = STUDENT) -> dict:
     return cfg
 
 
+def _default_modes(directory: Path) -> None:
+    """The modes a plain mkdir/open would give (0777/0666 minus the umask): mkdtemp makes the dir 0700 and
+    safetensors 0.8 writes 0600 files (measured), which would hide the export from others on a shared cluster."""
+    mask = os.umask(0)
+    os.umask(mask)
+    directory.chmod(0o777 & ~mask)
+    for f in directory.iterdir():
+        f.chmod(0o666 & ~mask)
+
+
 def export_adapter(model: torch.nn.Module, out_dir: str | Path, name: str = STUDENT) -> Path:
     """Write both formats of adapter `name` into `out_dir` atomically; returns `out_dir`."""
     out_dir = Path(out_dir)
@@ -58,6 +68,7 @@ def export_adapter(model: torch.nn.Module, out_dir: str | Path, name: str = STUD
             weight_name=DIFFUSERS_WEIGHTS,
         )
         write_sha256sums(tmp)
+        _default_modes(tmp)
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
