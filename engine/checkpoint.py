@@ -253,3 +253,35 @@ def to_universal(ckpt: Path, out: Path) -> Path:
             f"{(result.stdout + result.stderr)[-3000:]}"
         )
     return target
+
+
+class RunDirLock:
+    """An exclusive lock on `<run dir>/.lock` (flock), held by rank 0 for the whole run: two processes training
+    into one output dir would interleave checkpoints and metrics lines, so the second one is refused, naming the
+    holder's pid. The OS drops the lock when its holder dies (SIGKILL included): a kill never leaves it stale.
+    A second Trainer on the same dir inside the holding process (tests, notebooks) proceeds without it."""
+
+    NAME = ".lock"
+
+    def __init__(self, run_dir: Path):
+        import fcntl
+
+        self.path = run_dir / self.NAME
+        self.fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self.fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(self.fd)
+            self.fd = None
+            if holder == str(os.getpid()):
+                return
+            raise CheckpointError(f"{run_dir} is in use by another training process (pid {holder}); wait for it to "
+                                  f"finish or stop it, or use another --output-dir") from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor releases the flock
+            self.fd = None

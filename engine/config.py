@@ -255,6 +255,9 @@ class ReportConfig:
     """Noise seeds of the final table (mean +- std over them; engine.eval's fixed per-sample noise)."""
     samples_per_prompt: int = 4
     """Samples per eval prompt in the final table (the quick curve subset uses 2 per every other prompt)."""
+    parallel: bool = True
+    """Single-process CPU runs: train the variants in child processes beside this run, the cores split between
+    them (multi-rank and GPU runs train them one after another)."""
 
 
 @dataclass

@@ -70,11 +70,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
     from engine.checkpoint import CheckpointError
+    from engine.experiment import VariantError
     from engine.models.loading import ModelLoadError
     from engine.models.lora import AdapterError
     from engine.opd.routing import RoutingError
 
-    return ConfigError, CheckpointError, ModelLoadError, AdapterError, RoutingError, FloatingPointError, OSError
+    return (ConfigError, CheckpointError, ModelLoadError, AdapterError, RoutingError, FloatingPointError, OSError,
+            VariantError)
 
 
 def _fail(exc: Exception, output_dir: str) -> int:

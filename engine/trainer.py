@@ -28,6 +28,7 @@ from engine import dispatch, faults, rng
 from engine.checkpoint import (
     BYTES_PER_PARAM,
     CheckpointError,
+    RunDirLock,
     check_free_space,
     checkpoint_bytes,
     clean_stale,
@@ -162,8 +163,10 @@ class Trainer:
         for op in ("sde_step", "ode_step", "sde_step_indexed", "ode_step_indexed"):
             dispatch.set_backend(op, c.kernels.sde_step)
         self.faults = faults.from_env(self.rank)  # None unless a reliability test injects faults
+        self.lock: RunDirLock | None = None
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
+            self.lock = RunDirLock(self.out)
             write_atomic(self.out / "config.toml", to_toml(c))
             for stale in clean_stale(self.out / "checkpoints"):
                 log.info("removed %s (left by an interrupted checkpoint write; never loaded)", stale)
@@ -627,3 +630,5 @@ class Trainer:
     def close(self) -> None:
         if self.metrics is not None:
             self.metrics.close()
+        if self.lock is not None:
+            self.lock.release()
