@@ -28,6 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from engine.checkpoint import write_sha256sums  # noqa: E402
 from engine.eval import EvalSettings, add_merge, evaluate, evaluate_seeds  # noqa: E402
 from engine.models.export import export_adapter  # noqa: E402
 from engine.models.lora import AdapterSwitch, LoraSpec, add_adapter, freeze_for_training  # noqa: E402
@@ -151,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         model, encoder = train_base(args)
         timings["base_s"] = time.time() - t_start
         model.save_pretrained(str(out / "base"))
+        write_sha256sums(out / "base")  # load_transformer refuses a file that differs from it
         encoder.save_pretrained(out / "encoder")
     model.requires_grad_(False)
     encoder.requires_grad_(False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -89,3 +90,18 @@ def test_recorded_table_shows_the_conflict() -> None:
         assert own > rows["base"][task]["mean"] + 0.1, task
         others = [t for t in (*TASKS, "quality") if t != task]
         assert any(rows[task][t]["mean"] < rows["base"][t]["mean"] for t in others), task
+
+
+@pytest.mark.parametrize("victim", ["base/diffusion_pytorch_model.safetensors", "encoder/model.safetensors",
+                                    "experts/text/adapter_model.safetensors"])
+def test_a_corrupt_shipped_file_is_refused_naming_it(tmp_path, victim: str) -> None:
+    import shutil
+
+    copy = tmp_path / "weights"
+    shutil.copytree(WEIGHTS_DIR, copy)
+    f = copy / victim
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one flipped bit in the middle of a tensor
+    f.write_bytes(bytes(data))
+    with pytest.raises(Exception, match=re.escape(str(f))):
+        load_toy(copy)

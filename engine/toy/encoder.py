@@ -74,6 +74,9 @@ class ToyTextEncoder(nn.Module):
         (out_dir / CONFIG_NAME).write_text(json.dumps(self.config(), indent=1))
         state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.state_dict().items()}
         save_file(state, str(out_dir / WEIGHTS_NAME))
+        from engine.checkpoint import write_sha256sums
+
+        write_sha256sums(out_dir, [CONFIG_NAME, WEIGHTS_NAME])
         return out_dir
 
     @property
@@ -90,9 +93,16 @@ class ToyTextEncoder(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None) -> ToyTextEncoder:
         """Load a saved encoder (default: the shipped one, engine/toy/weights/encoder)."""
+        from engine.checkpoint import verify_sha256sums
+
         path = Path(path) if path is not None else Path(__file__).resolve().parent / "weights" / "encoder"
-        cfg = json.loads((path / CONFIG_NAME).read_text())
-        enc = cls(**cfg)
-        enc.load_state_dict(load_file(str(path / WEIGHTS_NAME)))
+        if bad := verify_sha256sums(path):
+            raise ValueError("; ".join(bad))
+        try:
+            enc = cls(**json.loads((path / CONFIG_NAME).read_text()))
+            enc.load_state_dict(load_file(str(path / WEIGHTS_NAME)))
+        except Exception as exc:  # missing/truncated/edited files raise OSError, SafetensorError, RuntimeError ...
+            raise ValueError(f"cannot load the toy text encoder from {path / CONFIG_NAME} + {path / WEIGHTS_NAME}: "
+                             f"{exc}") from exc
         enc.requires_grad_(False)
         return enc.eval()

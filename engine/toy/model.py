@@ -53,8 +53,10 @@ def load_toy(
     weights_dir: str | Path = WEIGHTS_DIR, experts: bool = True
 ) -> tuple[SD3Transformer2DModel, ToyTextEncoder]:
     """The shipped base (frozen, eval mode) with the expert adapters loaded under `EXPERTS` names, and the encoder."""
+    from engine.models.loading import load_transformer
+
     weights_dir = Path(weights_dir)
-    model = SD3Transformer2DModel.from_pretrained(str(weights_dir / "base")).eval()
+    model = load_transformer(weights_dir / "base", torch.float32).eval()  # strict: SHA256SUMS, missing keys, NaN
     if experts:
         for task, name in EXPERTS.items():
             load_adapter(model, name, weights_dir / "experts" / task)
