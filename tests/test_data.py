@@ -61,3 +61,16 @@ def test_cache_reuse_rebuild_and_corruption(tmp_path: Path) -> None:
     path.write_bytes(b"junk")
     rebuilt = load_or_build(enc, ["a", "c"], path)  # corrupt: rebuilt, not crashed
     assert CountingEncoder.calls == 3 and rebuilt.uncond.prompt_embeds.shape == (1, 8, 32)
+
+
+def test_cache_file_gets_the_umask_mode(tmp_path: Path) -> None:
+    """safetensors writes 0600; a `data.cache` shared between users must be readable like any file they write."""
+    import os
+
+    old = os.umask(0o022)
+    try:
+        path = tmp_path / "cache.safetensors"
+        load_or_build(CountingEncoder(8, 32, 32), ["a"], path)
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644

@@ -67,5 +67,8 @@ def load_or_build(encoder: TextEncoder, prompts: list[str], path: str | Path | N
         tmp = path.with_name(path.name + f".tmp{os.getpid()}")
         save_file({"prompt_embeds": cond.prompt_embeds.contiguous(), "pooled": cond.pooled.contiguous()},
                   str(tmp), metadata={"digest": digest, "encoder": encoder.identity, "prompts": json.dumps(unique)})
+        mask = os.umask(0)  # safetensors writes 0600; a `data.cache` shared between users needs the umask's mode
+        os.umask(mask)
+        tmp.chmod(0o666 & ~mask)
         os.replace(tmp, path)
     return PromptEmbeddings(unique, cond.prompt_embeds, cond.pooled)
