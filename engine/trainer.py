@@ -48,7 +48,7 @@ from engine.data.sampler import PromptSampler
 from engine.metrics import MetricsWriter
 from engine.models.export import export_adapter
 from engine.models.loading import build_preset, load_transformer, preset_from_model
-from engine.models.lora import STUDENT, LoraSpec, add_adapter, freeze_for_training, load_adapter, random_adapter
+from engine.models.lora import STUDENT, LoraSpec, add_adapter, freeze_for_training, load_adapter, load_teachers
 from engine.models.merge import merge_into_student
 from engine.models.presets import get_preset
 from engine.opd.fields import Field, FieldEvaluator, student_field
@@ -258,11 +258,7 @@ class Trainer:
                 add_adapter(model, STUDENT, LoraSpec(s.rank, s.alpha, tuple(s.targets), s.init))
             except ValueError as exc:  # peft: "Target modules {...} not found in the base model"
                 raise ConfigError([f"student.targets = {s.targets}: {exc}"]) from exc
-        for t in c.teachers:
-            if t.random_seed >= 0:
-                random_adapter(model, t.name, LoraSpec(t.rank, float(t.rank), tuple(s.targets)), t.random_seed)
-            else:
-                load_adapter(model, t.name, resolve_path(t.path), alpha=t.alpha or None)
+        load_teachers(model, c.teachers, s.targets)
         if c.init.merge != "none":
             names = c.init.teachers or [t.name for t in c.teachers]
             off = [f"{n} (rank {model.peft_config[n].r})" for n in names if model.peft_config[n].r != s.rank]

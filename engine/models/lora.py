@@ -14,6 +14,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from peft import LoraConfig
@@ -281,3 +282,15 @@ def random_adapter(model: torch.nn.Module, name: str, spec: LoraSpec, seed: int,
 def adapter_scale(model: torch.nn.Module, name: str) -> float:
     cfg = model.peft_config[name]
     return float(cfg.lora_alpha) / float(cfg.r) if not cfg.use_rslora else float(cfg.lora_alpha) / math.sqrt(cfg.r)
+
+
+def load_teachers(model: torch.nn.Module, teachers: Sequence[Any], targets: Sequence[str]) -> None:
+    """Every `[[teachers]]` entry (engine.config.TeacherConfig) as a named adapter on `model`: loaded from its path
+    (`toy:` paths resolved, alpha override applied) or, with `random_seed >= 0`, a random stand-in on `targets`."""
+    from engine.config import resolve_path
+
+    for t in teachers:
+        if t.random_seed >= 0:
+            random_adapter(model, t.name, LoraSpec(t.rank, float(t.rank), tuple(targets)), t.random_seed)
+        else:
+            load_adapter(model, t.name, resolve_path(t.path), alpha=t.alpha or None)

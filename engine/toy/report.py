@@ -90,15 +90,6 @@ class RewardCurve:
             f.flush()
         log.info("step %d rewards: %s", step, " ".join(f"{k} {v:.3f}" for k, v in row.items()))
 
-    def baseline(self, trainer: Any) -> None:
-        """The curve's step-0 point (the cold start), once per run."""
-        if trainer.rank == 0 and self.every > 0 and not read_curve(self.path):
-            self.every, saved = 1, self.every
-            try:
-                self(trainer, 0)
-            finally:
-                self.every = saved
-
 
 def read_curve(path: Path) -> list[dict[str, float]]:
     """The curve's points by step (the last line of a step wins; a line torn by a kill is skipped)."""
@@ -148,15 +139,11 @@ def _teacher_tasks(config: Config) -> dict[str, list[str]]:
 def _load_world(config: Config) -> tuple[torch.nn.Module, Any]:
     """A fresh frozen base with every teacher loaded, and the toy encoder (no training state involved)."""
     from engine.models.loading import load_transformer
-    from engine.models.lora import LoraSpec, load_adapter, random_adapter
+    from engine.models.lora import load_teachers
     from engine.toy.encoder import ToyTextEncoder
 
     model = load_transformer(resolve_path(config.model.path), torch.float32).eval()
-    for t in config.teachers:
-        if t.random_seed >= 0:
-            random_adapter(model, t.name, LoraSpec(t.rank, float(t.rank), tuple(config.student.targets)), t.random_seed)
-        else:
-            load_adapter(model, t.name, resolve_path(t.path), alpha=t.alpha or None)
+    load_teachers(model, config.teachers, config.student.targets)
     model.requires_grad_(False)
     return model, ToyTextEncoder.from_pretrained()
 
