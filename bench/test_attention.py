@@ -32,9 +32,10 @@ import pytest
 import torch
 from diffusers import SD3Transformer2DModel
 
-from engine.models import attention as fa
-from engine.models.lora import STUDENT, LoraSpec, freeze_for_training, random_adapter
-from engine.models.presets import get_preset
+from engine.adapters.lora import STUDENT, LoraSpec, freeze_for_training, random_adapter
+from engine.backends.sd3 import attention as fa
+from engine.backends.sd3 import sdpa
+from engine.backends.sd3.presets import get_preset
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -114,7 +115,7 @@ def _provider_block(base: torch.nn.Module, provider: str) -> torch.nn.Module:
     if name in ("ours-flash", "ours-xformers"):
         backend = name.split("-")[1]
         probe = torch.empty(1, 1, 1, HEAD_DIM, device=DEVICE, dtype=DTYPE)
-        if not fa.attention_backend_usable(backend, probe):
+        if not sdpa.attention_backend_usable(backend, probe):
             pytest.skip(f"{backend} is not usable here (needs CUDA and the package)")
     block = copy.deepcopy(base)
     if name.startswith("ours"):
@@ -255,13 +256,13 @@ def test_qkv_projection(benchmark, blocks, seq, mode, provider):
 # --------------------------------------------------------------------------------------------- attention core
 
 
-@pytest.mark.parametrize("backend", list(fa.ATTENTION_BACKENDS))
+@pytest.mark.parametrize("backend", list(sdpa.ATTENTION_BACKENDS))
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("seq", list(SEQS))
 def test_attention_core(benchmark, seq, mode, backend):
     s = sum(SEQS[seq])
     q, k, v = (torch.randn(BATCH, s, HEADS, HEAD_DIM, device=DEVICE, dtype=DTYPE) for _ in range(3))
-    if backend != "sdpa" and not fa.attention_backend_usable(backend, q):
+    if backend != "sdpa" and not sdpa.attention_backend_usable(backend, q):
         pytest.skip(f"{backend} is not usable here (needs CUDA and the package)")
     backward = mode == "fwd+bwd"
     for t in (q, k, v):
@@ -270,11 +271,11 @@ def test_attention_core(benchmark, seq, mode, backend):
 
     def step():
         if backward:
-            fa.attention_bshd(q, k, v, backend).backward(grad)
+            sdpa.attention_bshd(q, k, v, backend).backward(grad)
             q.grad = k.grad = v.grad = None
         else:
             with torch.no_grad():
-                fa.attention_bshd(q, k, v, backend)
+                sdpa.attention_bshd(q, k, v, backend)
         _sync()
 
     benchmark.pedantic(step, warmup_rounds=3, rounds=20 if CUDA else 3, iterations=1)

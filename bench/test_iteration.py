@@ -37,8 +37,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from engine.backends.sd3.flops import MMDiTDims, iteration_flops, opd_iteration_shape
 from engine.config import Config, load_config
-from engine.flops import MMDiTDims, iteration_flops, opd_iteration_shape
 
 CUDA = torch.cuda.is_available()
 REPO = Path(__file__).resolve().parents[1]

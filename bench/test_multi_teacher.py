@@ -14,7 +14,7 @@ Providers, each returning every field's velocity for the same rows:
 - `base`: the same (2K+1)Q rows through the base alone (adapters off): the floor the LoRA overhead is measured
   against (issue goal: batched <= 1.10x base on H100);
 - `batched-triton` / `batched-torch`: `BatchedFieldEvaluator`, one forward, segmented kernel / gather-bmm;
-- `peft-loop`: `FieldEvaluator`, peft's adapter switching, one forward per field (goal: batched >= 1.5x at K=4);
+- `peft-loop`: `PeftFieldEvaluator`, peft's adapter switching, one forward per field (goal: batched >= 1.5x at K=4);
 - `merged`: per field, merge the adapter into the base weights, forward, unmerge (the Flow-OPD layout without
   K+2 weight copies).
 Reported per run (extra_info, and a line on stdout): images/s (forward rows / s), field velocities / s,
@@ -36,11 +36,13 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from engine.models.lora import AdapterSwitch, LoraSpec, freeze_for_training, lora_layers, random_adapter
-from engine.models.multi_lora import OP, BatchedFieldEvaluator
-from engine.models.presets import PRESETS
-from engine.models.velocity import Cond, predict_velocity
-from engine.opd.fields import Field, FieldEvaluator
+from engine.adapters.lora import AdapterSwitch, LoraSpec, freeze_for_training, lora_layers, random_adapter
+from engine.adapters.multi_lora import OP
+from engine.backends.sd3.backend import predict_velocity
+from engine.backends.sd3.cond import SD3Cond
+from engine.backends.sd3.presets import PRESETS
+from engine.fields import Field, PeftFieldEvaluator
+from engine.fields.batched import BatchedFieldEvaluator
 from kernels.lora_segmented import triton_available
 
 CUDA = torch.cuda.is_available()
@@ -85,8 +87,8 @@ class World:
 
         self.x = randn(q, p.latent_channels, p.latent_size, p.latent_size)
         self.sigma = torch.rand(q, generator=gen, device=self.device)
-        self.cond = Cond(randn(q, p.text_seq_len, p.joint_attention_dim), randn(q, p.pooled_projection_dim))
-        self.uncond = Cond(randn(1, p.text_seq_len, p.joint_attention_dim), randn(1, p.pooled_projection_dim))
+        self.cond = SD3Cond(randn(q, p.text_seq_len, p.joint_attention_dim), randn(q, p.pooled_projection_dim))
+        self.uncond = SD3Cond(randn(1, p.text_seq_len, p.joint_attention_dim), randn(1, p.pooled_projection_dim))
         self.flops_base = self._flops(None)
         self.flops_lora = self._flops("t0") - self.flops_base
         sizes = [("lora_" in n, t.numel() * t.element_size()) for n, t in self.model.named_parameters()]
@@ -104,12 +106,12 @@ class World:
     def fields(self, k: int) -> list[Field]:
         return [*(Field(f"t{i}", f"t{i}", CFG) for i in range(k)), Field("anchor", None)]
 
-    def query(self, k: int) -> tuple[torch.Tensor, torch.Tensor, Cond, list[str]]:
+    def query(self, k: int) -> tuple[torch.Tensor, torch.Tensor, SD3Cond, list[str]]:
         """Every field on the same Q latents: (K+1)Q query rows, (2K+1)Q forward rows."""
         n = k + 1
         q = self.x.shape[0]
         rows = [name for f in self.fields(k) for name in [f.name] * q]
-        cond = Cond(self.cond.prompt_embeds.repeat(n, 1, 1), self.cond.pooled.repeat(n, 1))
+        cond = SD3Cond(self.cond.prompt_embeds.repeat(n, 1, 1), self.cond.pooled.repeat(n, 1))
         return self.x.repeat(n, 1, 1, 1), self.sigma.repeat(n), cond, rows
 
 
@@ -122,16 +124,16 @@ def _provider(world: World, k: int, name: str) -> Callable[[], torch.Tensor]:
     x, sigma, cond, rows = world.query(k)
     fields = world.fields(k)
     if name.startswith("batched"):
-        ev = BatchedFieldEvaluator(world.model, fields, world.uncond)
+        ev = BatchedFieldEvaluator(world.model, predict_velocity, fields, world.uncond)
         return lambda: ev.velocities(x, sigma, cond, rows)
     if name == "peft-loop":
-        ref = FieldEvaluator(world.model, fields, world.uncond)
+        ref = PeftFieldEvaluator(world.model, predict_velocity, fields, world.uncond)
         return lambda: ref.velocities(x, sigma, cond, rows)
     if name == "base":
         q = world.x.shape[0]
         xb = torch.cat([x, x[: k * q]])
         sb = torch.cat([sigma, sigma[: k * q]])
-        cb = Cond.cat([cond, world.uncond.expand(k * q)])
+        cb = SD3Cond.cat([cond, world.uncond.expand(k * q)])
 
         def base() -> torch.Tensor:
             with world.switch.use(None):
@@ -140,7 +142,7 @@ def _provider(world: World, k: int, name: str) -> Callable[[], torch.Tensor]:
         return base
     if name == "merged":
         q = world.x.shape[0]
-        both = Cond.cat([world.uncond.expand(q), world.cond])
+        both = SD3Cond.cat([world.uncond.expand(q), world.cond])
         x2, s2 = torch.cat([world.x, world.x]), torch.cat([world.sigma, world.sigma])
         layers = lora_layers(world.model)
 

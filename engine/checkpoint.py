@@ -13,7 +13,6 @@ an interrupted write or prune (`*.partial`, `*.deleting`, temp files) are never 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -25,6 +24,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from engine.errors import CheckpointError
+from engine.files import fsync_dir, sha256, write_atomic
+
 log = logging.getLogger(__name__)
 
 POINTER = "latest.json"
@@ -35,70 +37,8 @@ _TAG = re.compile(r"^step_\d{8}$")
 BYTES_PER_PARAM = 16
 
 
-class CheckpointError(RuntimeError):
-    pass
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(str(path), os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-SUMS = "SHA256SUMS"
-
-
-def write_sha256sums(directory: str | Path, names: list[str] | None = None) -> Path:
-    """Write `SHA256SUMS` (the `sha256sum` format, so `sha256sum -c SHA256SUMS` checks it too) for `names` (default:
-    every file in `directory`), so shipped weights and exported adapters can be verified when loaded."""
-    directory = Path(directory)
-    names = names or sorted(p.name for p in directory.iterdir() if p.is_file() and p.name != SUMS)
-    path = directory / SUMS
-    write_atomic(path, "".join(f"{_sha256(directory / n)}  {n}\n" for n in names))
-    return path
-
-
-def verify_sha256sums(directory: str | Path, only: str | None = None) -> list[str]:
-    """Problems (each naming the file) with the files listed in `directory/SHA256SUMS`; [] when all match or
-    there is no such file. `only` restricts the check to one listed file name."""
-    directory = Path(directory)
-    sums = directory / SUMS
-    if not sums.is_file():
-        return []
-    problems = []
-    for line in sums.read_text().splitlines():
-        digest, _, name = line.strip().partition("  ")
-        if not name or (only is not None and name != only):
-            continue
-        f = directory / name
-        if not f.is_file():
-            problems.append(f"{f} is listed in {sums} but missing")
-        elif _sha256(f) != digest:
-            problems.append(f"{f} is corrupt: its sha256 differs from {sums}")
-    return problems
-
-
 def tag_for(step: int) -> str:
+    """The checkpoint dir name of the step a checkpoint resumes at."""
     return f"step_{step:08d}"
 
 
@@ -114,14 +54,14 @@ def finalize(root: Path, tag: str, meta: dict[str, Any], keep: int,
     for f in sorted(p for p in partial.rglob("*") if p.is_file()):
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
-        files[str(f.relative_to(partial))] = {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+        files[str(f.relative_to(partial))] = {"bytes": f.stat().st_size, "sha256": sha256(f)}
     write_atomic(partial / MANIFEST, json.dumps({"tag": tag, "meta": meta, "files": files}, indent=1))
     if hook is not None:
         hook("ckpt.manifest")
     if final.exists():  # a same-step checkpoint from before a fallback: moved aside, then deleted
         _remove(final)
     os.replace(partial, final)
-    _fsync_dir(root)
+    fsync_dir(root)
     if hook is not None:
         hook("ckpt.renamed")
     write_atomic(root / POINTER, json.dumps({"tag": tag, **meta}))
@@ -151,7 +91,7 @@ def verify(ckpt: Path) -> dict[str, Any]:
         f = ckpt / name
         if not f.is_file():
             raise CheckpointError(f"checkpoint {ckpt}: missing file {f}")
-        if f.stat().st_size != info["bytes"] or _sha256(f) != info["sha256"]:
+        if f.stat().st_size != info["bytes"] or sha256(f) != info["sha256"]:
             raise CheckpointError(f"checkpoint {ckpt}: file {f} is corrupt (size or sha256 differs from manifest)")
     return manifest
 
@@ -198,6 +138,7 @@ def _remove(path: Path) -> None:
 
 
 def prune(root: Path, keep: int) -> None:
+    """Delete all but the newest `keep` complete checkpoints, then the leftovers."""
     for old in complete_checkpoints(root)[keep:]:
         _remove(old)
     clean_stale(root)
@@ -253,35 +194,3 @@ def to_universal(ckpt: Path, out: Path) -> Path:
             f"{(result.stdout + result.stderr)[-3000:]}"
         )
     return target
-
-
-class RunDirLock:
-    """An exclusive lock on `<run dir>/.lock` (flock), held by rank 0 for the whole run: two processes training
-    into one output dir would interleave checkpoints and metrics lines, so the second one is refused, naming the
-    holder's pid. The OS drops the lock when its holder dies (SIGKILL included): a kill never leaves it stale.
-    A second Trainer on the same dir inside the holding process (tests, notebooks) proceeds without it."""
-
-    NAME = ".lock"
-
-    def __init__(self, run_dir: Path):
-        import fcntl
-
-        self.path = run_dir / self.NAME
-        self.fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(self.fd, 32, 0).decode(errors="replace").strip() or "?"
-            os.close(self.fd)
-            self.fd = None
-            if holder == str(os.getpid()):
-                return
-            raise CheckpointError(f"{run_dir} is in use by another training process (pid {holder}); wait for it to "
-                                  f"finish or stop it, or use another --output-dir") from None
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
-
-    def release(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)  # closing the descriptor releases the flock
-            self.fd = None

@@ -1,8 +1,9 @@
-"""What `engine/train.py` runs: the configured student, then each `report.variants` student, then the report.
+"""What `engine/train.py` runs: the configured student, then each `[experiment]` variant, then the report.
 
-A config without `[report]` is one training run. With `report.enabled` (the embedded default), each variant is a
-complete run of its own in `<output_dir>/variants/<name>` (checkpoints, metrics, export, resumable), and rank 0
-then measures the miniature world's table (engine.toy.report). Re-running the same command resumes whichever run
+A config without `[report]` is one training run. With `report.enabled` (the embedded default), each variant
+(`experiment.variants`) is a complete run of its own in `<output_dir>/variants/<name>` (checkpoints, metrics,
+export, resumable), and rank 0 then measures the table of the miniature world `report.world` (its plug-in,
+engine/worlds). Re-running the same command resumes whichever run
 was interrupted; finished runs only re-export their student.
 
 Single-process CPU runs train the variants at the same time as the main run, each in a child process
@@ -10,7 +11,7 @@ Single-process CPU runs train the variants at the same time as the main run, eac
 cores: on 2 cores the default's two students take ~175 s + ~165 s one after another with 2 threads each, and
 ~200 s side by side with 1 thread each, since this small model's ops scale poorly across threads (a batch-32
 forward: 111 ms on 1 thread, 93 ms on 2). A child dies with its parent (PR_SET_PDEATHSIG) and each run dir is
-locked (engine.checkpoint.RunDirLock), so a re-run after a kill never races a leftover child. With several ranks,
+locked (engine.files.RunDirLock), so a re-run after a kill never races a leftover child. With several ranks,
 or on a GPU, the runs go one after another.
 """
 
@@ -26,7 +27,9 @@ from pathlib import Path
 
 import torch
 
-from engine.config import Config, to_toml
+from engine.config.io import to_toml
+from engine.config.load import experiment_runs
+from engine.config.schema import Config
 
 log = logging.getLogger("flowopd")
 
@@ -36,20 +39,20 @@ _LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "MASTER_ADDR"
 
 
 class VariantError(RuntimeError):
-    pass
+    """A variant run (child process) failed; the message names its log."""
 
 
 def train_run(config: Config) -> tuple[int, Path]:
     """Train (or resume, or just re-export) one student in this process; returns (rank, export dir)."""
     from engine.trainer import Trainer
 
-    callbacks = []
     trainer = Trainer(config)
     try:
-        if config.report.eval_every and trainer.rank == 0:
-            from engine.toy.report import RewardCurve
+        callbacks = []
+        if config.report.world and trainer.rank == 0:
+            from engine.worlds import get_world
 
-            callbacks.append(RewardCurve(config))
+            callbacks = list(get_world(config.report.world).callbacks(config))
         trainer.train(callbacks)
     finally:
         trainer.close()
@@ -70,7 +73,7 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
 
 def _spawn(config: Config, threads: int) -> tuple[subprocess.Popen, Path]:
     """Start `config` as a child training process; returns it and its log file."""
-    from engine.checkpoint import write_atomic
+    from engine.files import write_atomic
 
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -88,8 +91,8 @@ def _spawn(config: Config, threads: int) -> tuple[subprocess.Popen, Path]:
 
 
 def _parallel(config: Config) -> bool:
-    return (config.report.parallel and int(os.environ.get("WORLD_SIZE", "1")) == 1
-            and not torch.cuda.is_available() and len(config.report.variants) > 0)
+    return (config.experiment.parallel and int(os.environ.get("WORLD_SIZE", "1")) == 1
+            and not torch.cuda.is_available() and len(config.experiment.variants) > 0)
 
 
 def run(config: Config) -> int:
@@ -100,9 +103,9 @@ def run(config: Config) -> int:
         if rank == 0:
             print(f"done: {export}")
         return rank
-    from engine.toy.report import student_runs, write_report
+    from engine.worlds import get_world
 
-    runs = student_runs(config)
+    runs = experiment_runs(config)
     if _parallel(config):
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         threads = max(1, cores // len(runs))
@@ -140,7 +143,7 @@ def run(config: Config) -> int:
             if rank == 0:
                 print(f"done: {name}: {export}")
     if rank == 0:
-        text = write_report(config)
+        text = get_world(config.report.world).write_report(config, runs)
         print(text)
         print(f"report: {Path(config.output_dir) / 'report.md'}")
     return rank

@@ -44,6 +44,7 @@ ACTIONS = ("kill", "hang", "enospc")
 
 @dataclass(frozen=True)
 class Fault:
+    """One injected fault: at `point` of step `step` (on `rank`, or every rank), do `action`."""
     point: str
     step: int
     rank: int | None
@@ -51,6 +52,7 @@ class Fault:
 
 
 def parse(spec: str) -> list[Fault]:
+    """The faults of a FLOWOPD_FAULT spec; ValueError naming the variable on bad syntax."""
     faults = []
     for item in filter(None, (s.strip() for s in spec.split(","))):
         try:
@@ -71,6 +73,7 @@ def _enospc(what: str) -> OSError:
 
 
 class FaultInjector:
+    """The hooks of engine/hooks.py acting out this rank's faults."""
     def __init__(self, faults: list[Fault], rank: int):
         self.faults = [f for f in faults if f.rank is None or f.rank == rank]
         self.rank = rank
@@ -116,6 +119,7 @@ class FaultInjector:
 
 
 def from_env(rank: int) -> FaultInjector | None:
+    """This rank's fault injector, or None when FLOWOPD_FAULT is unset or names no fault for it."""
     spec = os.environ.get(ENV, "")
     if not spec:
         return None

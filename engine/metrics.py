@@ -14,12 +14,14 @@ import os
 from pathlib import Path
 from typing import Any
 
-from engine.checkpoint import write_atomic
+from engine.files import write_atomic
 
 log = logging.getLogger(__name__)
 
 
 class MetricsWriter:
+    """rank 0's metrics.jsonl: appended line by line, kept consistent with the checkpoints across kills."""
+
     def __init__(self, path: Path, resume_step: int = 0):
         """Open for appending; on resume, lines of steps >= `resume_step` (written after the checkpoint the run
         resumes from) are dropped so no step appears twice."""
@@ -38,6 +40,7 @@ class MetricsWriter:
         self._pending = b""
 
     def write(self, row: dict[str, Any]) -> None:
+        """Append one step's row (non-finite floats as null)."""
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
         self._pending += (json.dumps(clean, sort_keys=True) + "\n").encode()
         self._flush()
@@ -57,6 +60,7 @@ class MetricsWriter:
                       self.path, exc, len(self._pending))
 
     def close(self) -> None:
+        """Write what is pending and close the file."""
         if self._fd < 0:
             return
         self._flush()
@@ -68,4 +72,5 @@ class MetricsWriter:
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """Every row of a metrics.jsonl."""
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

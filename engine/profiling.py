@@ -22,6 +22,7 @@ except ImportError:  # optional: ranges become no-ops
 
 @contextmanager
 def nvtx_range(name: str, color: str = "blue") -> Iterator[None]:
+    """An NVTX range in domain `flowopd` (a no-op without the nvtx package)."""
     if _nvtx is None:
         yield
         return
@@ -30,12 +31,14 @@ def nvtx_range(name: str, color: str = "blue") -> Iterator[None]:
 
 
 class PhaseTimer:
+    """Wall time per phase of a step, with NVTX ranges (CUDA: synchronised at each phase end)."""
     def __init__(self, device: torch.device):
         self.sync = device.type == "cuda"
         self.seconds: dict[str, float] = defaultdict(float)
 
     @contextmanager
     def range(self, name: str, color: str = "blue") -> Iterator[None]:
+        """Time the block as phase `name`."""
         start = time.perf_counter()
         with nvtx_range(name, color):
             yield
@@ -44,6 +47,7 @@ class PhaseTimer:
         self.seconds[name] += time.perf_counter() - start
 
     def pop(self) -> dict[str, float]:
+        """The seconds per phase since the last pop, then reset."""
         out = dict(self.seconds)
         self.seconds.clear()
         return out
@@ -58,11 +62,13 @@ class CudaProfilerWindow:
         self.active = False
 
     def before_step(self, step: int) -> None:
+        """cudaProfilerStart before the window's first step."""
         if step == self.start and torch.cuda.is_available():
             torch.cuda.profiler.start()
             self.active = True
 
     def after_step(self, step: int) -> None:
+        """cudaProfilerStop after the window's last step."""
         if self.active and step + 1 >= self.stop:
             torch.cuda.profiler.stop()
             self.active = False

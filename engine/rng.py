@@ -30,4 +30,5 @@ def derive_seed(*keys: int) -> int:
 
 
 def generator(*keys: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A torch generator seeded by `derive_seed(*keys)`."""
     return torch.Generator(device=device).manual_seed(derive_seed(*keys))

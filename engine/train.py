@@ -35,6 +35,7 @@ from engine.config import ConfigError, load_config  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line (see the module docstring)."""
     parser = argparse.ArgumentParser(description="On-policy distillation of flow-matching MMDiT models")
     parser.add_argument("--config", default=None, help="TOML/JSON config (default: the embedded default)")
     parser.add_argument("--output-dir", default=None, help="run directory (overrides output_dir)")
@@ -47,6 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Validate the config (exit 2 on any problem, nothing written), run it (exit 1 with a message if it stops)."""
     args = parse_args(argv)
     overrides = list(args.set)
     if args.output_dir:
@@ -69,11 +71,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
-    from engine.checkpoint import CheckpointError
+    from engine.errors import AdapterError, CheckpointError, ModelLoadError, RoutingError
     from engine.experiment import VariantError
-    from engine.models.loading import ModelLoadError
-    from engine.models.lora import AdapterError
-    from engine.opd.routing import RoutingError
 
     return (ConfigError, CheckpointError, ModelLoadError, AdapterError, RoutingError, FloatingPointError, OSError,
             VariantError)
@@ -88,7 +87,7 @@ def _fail(exc: Exception, output_dir: str) -> int:
     if not isinstance(exc, _expected_errors()):
         traceback.print_exc()
     text = str(exc)
-    from engine.trainer import dist_timeout, is_collective_error
+    from engine.distributed import dist_timeout, is_collective_error
 
     if world > 1 and is_collective_error(exc):
         text = (f"communication with another rank failed ({text.splitlines()[0] if text else type(exc).__name__}). "

@@ -28,13 +28,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from engine.adapters.export import export_adapter  # noqa: E402
+from engine.adapters.lora import AdapterSwitch, LoraSpec, add_adapter, freeze_for_training  # noqa: E402
+from engine.backends import get_backend
 from engine.checkpoint import write_sha256sums  # noqa: E402
-from engine.eval import EvalSettings, add_merge, evaluate, evaluate_seeds  # noqa: E402
-from engine.models.export import export_adapter  # noqa: E402
-from engine.models.lora import AdapterSwitch, LoraSpec, add_adapter, freeze_for_training  # noqa: E402
-from engine.toy.encoder import ToyTextEncoder  # noqa: E402
-from engine.toy.model import EXPERTS, TOY_TRANSFORMER, WEIGHTS_DIR, flow_matching_loss, new_transformer  # noqa: E402
-from engine.toy.world import Imperfection, base_example, batch, clean_example, eval_prompts  # noqa: E402
+from engine.worlds.toy.encoder import ToyTextEncoder  # noqa: E402
+from engine.worlds.toy.eval import EvalSettings, add_merge, evaluate, evaluate_seeds  # noqa: E402
+from engine.worlds.toy.model import EXPERTS, TOY_TRANSFORMER, WEIGHTS_DIR, flow_matching_loss, new_transformer  # noqa: E402
+from engine.worlds.toy.world import Imperfection, base_example, batch, clean_example, eval_prompts  # noqa: E402
 
 CHECK_PROMPT_STRIDE = 2
 
@@ -159,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     for task in EXPERTS:
         t0 = time.time()
         train_expert(model, encoder, task, args)
-        export_adapter(model, out / "experts" / task, EXPERTS[task])
+        export_adapter(model, out / "experts" / task, get_backend("sd3"), EXPERTS[task])
         timings[f"expert_{task}_s"] = time.time() - t0
     t0 = time.time()
     settings = EvalSettings()

@@ -18,7 +18,7 @@ from transformers import (
     T5TokenizerFast,
 )
 
-from engine.models.presets import PRESETS
+from engine.backends.sd3.presets import PRESETS
 
 T5_DIM = 64  # >= the two CLIP widths concatenated (32 + 32): SD3 zero-pads CLIP features up to T5's width
 POOLED = 16 + 24  # the two CLIP projections, concatenated

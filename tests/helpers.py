@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from engine.models.loading import build_preset
-from engine.models.lora import STUDENT, LoraSpec, add_adapter, freeze_for_training, random_adapter
-from engine.models.presets import PRESETS
-from engine.models.velocity import Cond
+from engine.adapters.lora import STUDENT, LoraSpec, add_adapter, freeze_for_training, random_adapter
+from engine.backends.sd3.cond import SD3Cond
+from engine.backends.sd3.loading import build_preset
+from engine.backends.sd3.presets import PRESETS
 
 TINY = PRESETS["tiny"]
 
@@ -29,10 +29,10 @@ def randomize_student(model: torch.nn.Module, seed: int = 7) -> None:
                 p.copy_(0.1 * torch.randn(p.shape, generator=gen))
 
 
-def tiny_inputs(b: int = 3, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, Cond]:
+def tiny_inputs(b: int = 3, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, SD3Cond]:
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(b, TINY.latent_channels, TINY.latent_size, TINY.latent_size, generator=gen)
     sigma = torch.rand(b, generator=gen)
-    cond = Cond(torch.randn(b, TINY.text_seq_len, TINY.joint_attention_dim, generator=gen),
+    cond = SD3Cond(torch.randn(b, TINY.text_seq_len, TINY.joint_attention_dim, generator=gen),
                 torch.randn(b, TINY.pooled_projection_dim, generator=gen))
     return x, sigma, cond

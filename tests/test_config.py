@@ -33,7 +33,7 @@ def test_default_config_is_the_miniature_world() -> None:
     assert cfg.model.path == "toy:base" and cfg.data.encoder == "toy" and cfg.report.enabled
     assert {t.name for t in cfg.teachers} == {"compose", "text", "aesthetic"} and cfg.init.merge != "none"
     assert cfg.opd.anchor and cfg.opd.loss == "gkd"  # Flow-OPD with MAR ...
-    (name, _), = cfg.report.variants.items()
+    (name, _), = cfg.experiment.variants.items()
     dance = variant_config(cfg, name)  # ... and DanceOPD as the variant
     assert (dance.opd.loss, dance.rollout.sampler, dance.opd.query_states, dance.opd.query_bias) == (
         "mse", "ode", 1, "low")

@@ -6,8 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from engine.backends.sd3.cond import SD3Cond
+from engine.backends.sd3.encoders import HashTextEncoder
 from engine.data.cache import load_or_build
-from engine.data.encoders import HashTextEncoder
 from engine.data.prompts import load_prompts, parse_tagged
 
 
@@ -51,15 +52,15 @@ class CountingEncoder(HashTextEncoder):
 def test_cache_reuse_rebuild_and_corruption(tmp_path: Path) -> None:
     enc = CountingEncoder(8, 32, 32)
     path = tmp_path / "cache.safetensors"
-    first = load_or_build(enc, ["b", "a", "b"], path)
+    first = load_or_build(enc, ["b", "a", "b"], path, SD3Cond)
     assert first.prompts == ["", "a", "b"] and CountingEncoder.calls == 1
-    again = load_or_build(enc, ["a", "b"], path)
-    assert CountingEncoder.calls == 1 and torch.equal(again.embeds, first.embeds)
+    again = load_or_build(enc, ["a", "b"], path, SD3Cond)
+    assert CountingEncoder.calls == 1 and torch.equal(again.table.prompt_embeds, first.table.prompt_embeds)
     torch.testing.assert_close(again.cond(["b"]).prompt_embeds, HashTextEncoder(8, 32, 32).encode(["b"]).prompt_embeds)
-    load_or_build(enc, ["a", "c"], path)  # other prompts: rebuilt
+    load_or_build(enc, ["a", "c"], path, SD3Cond)  # other prompts: rebuilt
     assert CountingEncoder.calls == 2
     path.write_bytes(b"junk")
-    rebuilt = load_or_build(enc, ["a", "c"], path)  # corrupt: rebuilt, not crashed
+    rebuilt = load_or_build(enc, ["a", "c"], path, SD3Cond)  # corrupt: rebuilt, not crashed
     assert CountingEncoder.calls == 3 and rebuilt.uncond.prompt_embeds.shape == (1, 8, 32)
 
 
@@ -70,7 +71,7 @@ def test_cache_file_gets_the_umask_mode(tmp_path: Path) -> None:
     old = os.umask(0o022)
     try:
         path = tmp_path / "cache.safetensors"
-        load_or_build(CountingEncoder(8, 32, 32), ["a"], path)
+        load_or_build(CountingEncoder(8, 32, 32), ["a"], path, SD3Cond)
     finally:
         os.umask(old)
     assert path.stat().st_mode & 0o777 == 0o644

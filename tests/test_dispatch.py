@@ -8,8 +8,8 @@ import logging
 
 import pytest
 
-import engine.models.attention  # noqa: F401  (these imports register the real ops, before any fixture swaps
-import engine.models.multi_lora  # noqa: F401   the registry below)
+import engine.adapters.multi_lora  # noqa: F401   the registry below)
+import engine.backends.sd3.attention  # noqa: F401  (these imports register the real ops, before any fixture swaps
 import engine.sampling.steps  # noqa: F401
 from engine import dispatch
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.models.lora import STUDENT, AdapterSwitch
-from engine.models.velocity import Cond, predict_velocity
-from engine.opd.fields import Field, FieldEvaluator, student_field
+from engine.adapters.lora import STUDENT, AdapterSwitch
+from engine.backends.sd3.backend import predict_velocity
+from engine.backends.sd3.cond import SD3Cond
+from engine.fields import Field, PeftFieldEvaluator, student_field
 from engine.sampling.rollout import SampleNoise, rollout
 from engine.sampling.schedule import flow_match_sigmas
 from engine.sampling.steps import sde_step_ref
@@ -16,8 +17,9 @@ from tests.helpers import TINY, randomize_student, tiny_inputs, tiny_model
 FIELDS = [Field("e0", "t0", 3.0), Field("e1", "t1", 1.0), Field("anchor", None, 1.0), Field("cfg", None, 4.5)]
 
 
-def _uncond() -> Cond:
-    return Cond(torch.zeros(1, TINY.text_seq_len, TINY.joint_attention_dim), torch.zeros(1, TINY.pooled_projection_dim))
+def _uncond() -> SD3Cond:
+    return SD3Cond(torch.zeros(1, TINY.text_seq_len, TINY.joint_attention_dim),
+                   torch.zeros(1, TINY.pooled_projection_dim))
 
 
 def manual(model, adapter, scale, x, sigma, cond, uncond):
@@ -34,7 +36,7 @@ def manual(model, adapter, scale, x, sigma, cond, uncond):
 def test_velocities_route_each_row_to_its_field() -> None:
     model = tiny_model()
     uncond = _uncond()
-    ev = FieldEvaluator(model, FIELDS, uncond)
+    ev = PeftFieldEvaluator(model, predict_velocity, FIELDS, uncond)
     x, sigma, cond = tiny_inputs(b=7)
     rows = ["e1", "anchor", "e0", "cfg", "e1", "e0", "anchor"]
     with torch.no_grad():
@@ -51,7 +53,7 @@ def test_velocities_route_each_row_to_its_field() -> None:
 def test_student_field_gradients_reach_only_student() -> None:
     model = tiny_model()
     randomize_student(model)
-    ev = FieldEvaluator(model, FIELDS + [student_field(2.0)], _uncond())
+    ev = PeftFieldEvaluator(model, predict_velocity, FIELDS + [student_field(2.0)], _uncond())
     x, sigma, cond = tiny_inputs(b=2)
     v = ev.field_velocity(student_field(2.0), x, sigma, cond)
     v.pow(2).mean().backward()
@@ -60,9 +62,9 @@ def test_student_field_gradients_reach_only_student() -> None:
 
 
 def _rollout(model, ids, sampler="sde", steps=5):
-    ev = FieldEvaluator(model, [student_field(1.0)], _uncond())
+    ev = PeftFieldEvaluator(model, predict_velocity, [student_field(1.0)], _uncond())
     gen = torch.Generator().manual_seed(1)
-    cond = Cond(torch.randn(len(ids), TINY.text_seq_len, TINY.joint_attention_dim, generator=gen),
+    cond = SD3Cond(torch.randn(len(ids), TINY.text_seq_len, TINY.joint_attention_dim, generator=gen),
                 torch.randn(len(ids), TINY.pooled_projection_dim, generator=gen))
     noise = SampleNoise(3, ids, (TINY.latent_channels, TINY.latent_size, TINY.latent_size), torch.device("cpu"))
     sig = flow_match_sigmas(steps, 3.0)

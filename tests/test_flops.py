@@ -11,7 +11,10 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from engine.flops import (
+from engine.adapters.lora import STUDENT, AdapterSwitch
+from engine.backends.sd3.backend import predict_velocity
+from engine.backends.sd3.cond import SD3Cond
+from engine.backends.sd3.flops import (
     FlopCount,
     Lora,
     MMDiTDims,
@@ -20,9 +23,7 @@ from engine.flops import (
     iteration_flops,
     opd_iteration_shape,
 )
-from engine.models.lora import STUDENT, AdapterSwitch
-from engine.models.presets import PRESETS
-from engine.models.velocity import Cond, predict_velocity
+from engine.backends.sd3.presets import PRESETS
 from tests.helpers import TINY, randomize_student, tiny_inputs, tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,7 +68,7 @@ def test_sd35_medium_forward_on_meta_matches_flop_counter() -> None:
     with torch.device("meta"):
         model = SD3Transformer2DModel(**p.transformer)
         x = torch.empty(1, p.latent_channels, p.latent_size, p.latent_size)
-        cond = Cond(torch.empty(1, p.text_seq_len, p.joint_attention_dim), torch.empty(1, p.pooled_projection_dim))
+        cond = SD3Cond(torch.empty(1, p.text_seq_len, p.joint_attention_dim), torch.empty(1, p.pooled_projection_dim))
         sigma = torch.empty(1)
     with torch.no_grad():
         counted = _counted(lambda: predict_velocity(model, x, sigma, cond))

@@ -11,10 +11,12 @@ from diffusers import SD3Transformer2DModel
 from diffusers.models.attention_processor import JointAttnProcessor2_0
 from diffusers.models.normalization import RMSNorm
 
-from engine.models import attention as fa
-from engine.models.lora import STUDENT, AdapterSwitch, LoraSpec, freeze_for_training, random_adapter
-from engine.models.presets import get_preset
-from engine.models.velocity import Cond, predict_velocity
+from engine.adapters.lora import STUDENT, AdapterSwitch, LoraSpec, freeze_for_training, random_adapter
+from engine.backends.sd3 import attention as fa
+from engine.backends.sd3 import sdpa
+from engine.backends.sd3.backend import predict_velocity
+from engine.backends.sd3.cond import SD3Cond
+from engine.backends.sd3.presets import get_preset
 
 # the preset: qk RMSNorm, dual attention in layer 0, context-pre-only last block; and a plain variant
 CONFIGS = {
@@ -60,7 +62,7 @@ def activate(model: torch.nn.Module, state: str | list[str] | None) -> None:
 def inputs(dtype: torch.dtype = torch.float32, batch: int = 2):
     g = torch.Generator().manual_seed(123)
     x = torch.randn(batch, 4, 8, 8, generator=g)
-    cond = Cond(torch.randn(batch, 8, 32, generator=g), torch.randn(batch, 32, generator=g))
+    cond = SD3Cond(torch.randn(batch, 8, 32, generator=g), torch.randn(batch, 32, generator=g))
     sigma = torch.tensor([0.9, 0.3])[:batch]
     return x.to(dtype), sigma, cond.to(dtype=dtype)
 
@@ -292,14 +294,14 @@ def test_install_uninstall_and_dispatch(monkeypatch):
 @pytest.mark.parametrize("backend", ["flash", "xformers"])
 def test_attention_backend_falls_back_to_sdpa_where_unusable(backend, caplog, monkeypatch):
     q, k, v = (torch.randn(2, 9, 3, 8) for _ in range(3))
-    if fa.attention_backend_usable(backend, q):
+    if sdpa.attention_backend_usable(backend, q):
         pytest.skip(f"{backend} runs here")
-    monkeypatch.setattr(fa, "_WARNED", set())  # an earlier test may have logged this fallback already
+    monkeypatch.setattr(sdpa, "_WARNED", set())  # an earlier test may have logged this fallback already
     with caplog.at_level(logging.WARNING):
-        out = fa.attention_bshd(q, k, v, backend)
-        fa.attention_bshd(q, k, v, backend)
+        out = sdpa.attention_bshd(q, k, v, backend)
+        sdpa.attention_bshd(q, k, v, backend)
     assert sum(f"backend {backend!r} not usable" in r.getMessage() for r in caplog.records) == 1, caplog.text
-    torch.testing.assert_close(out, fa.attention_bshd(q, k, v, "sdpa"))
+    torch.testing.assert_close(out, sdpa.attention_bshd(q, k, v, "sdpa"))
     ref = torch.softmax(torch.einsum("bqhd,bkhd->bhqk", q, k) / 8**0.5, -1)
     torch.testing.assert_close(out, torch.einsum("bhqk,bkhd->bqhd", ref, v), atol=1e-5, rtol=1e-5)
 
@@ -336,14 +338,14 @@ def test_student_training_step_matches_reference():
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("backend", list(fa.ATTENTION_BACKENDS))
+@pytest.mark.parametrize("backend", list(sdpa.ATTENTION_BACKENDS))
 def test_cuda_bf16_each_backend(backend):
     ref, ours = pair("qknorm-dual", torch.bfloat16)
     gold = copy.deepcopy(ref).double().cuda()
     ref, ours = ref.cuda(), ours.cuda()
     fa.install_fused_attention(ours, backend=backend)
     x, sigma, cond = inputs()
-    if backend != "sdpa" and not fa.attention_backend_usable(backend, torch.empty(1, 1, 1, 16).cuda().bfloat16()):
+    if backend != "sdpa" and not sdpa.attention_backend_usable(backend, torch.empty(1, 1, 1, 16).cuda().bfloat16()):
         pytest.skip(f"{backend} not importable")
     for m in (ref, ours, gold):
         activate(m, STUDENT)
@@ -359,11 +361,10 @@ def test_cuda_bf16_each_backend(backend):
 def test_trainer_installs_fused_attention_through_the_dispatch_op(monkeypatch):
     """`model.attention = "fused"` goes through dispatch op `joint_attention`, so the documented env override
     (FLOWOPD_BACKEND_JOINT_ATTENTION=torch, or FLOWOPD_BACKEND=torch) gives diffusers' processor back."""
-    from types import SimpleNamespace
-
     from engine import dispatch
+    from engine.backends import get_backend
     from engine.config import load_config
-    from engine.trainer import Trainer
+    from engine.student import build_student
 
     monkeypatch.setattr(dispatch, "_CHOICE", dict(dispatch._CHOICE))  # the trainer sets the op's choice
     for var in ("FLOWOPD_BACKEND", "FLOWOPD_BACKEND_JOINT_ATTENTION"):
@@ -373,6 +374,6 @@ def test_trainer_installs_fused_attention_through_the_dispatch_op(monkeypatch):
                       ("FLOWOPD_BACKEND", JointAttnProcessor2_0)):  # fmt: skip
         if var is not None:
             monkeypatch.setenv(var, "torch")
-        model, _ = Trainer._build_model(SimpleNamespace(config=config))
+        model, _ = build_student(config, get_backend(config.model.family))
         assert {type(m.processor) for m in fa._joint_attention_modules(model)} == {want}, var
         monkeypatch.delenv(var or "FLOWOPD_BACKEND", raising=False)

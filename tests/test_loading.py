@@ -5,15 +5,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.models.loading import ModelLoadError, build_preset, load_transformer, preset_from_model
-from engine.models.velocity import predict_velocity
+from engine.backends.sd3.backend import predict_velocity
+from engine.backends.sd3.loading import ModelLoadError, build_preset, load_transformer, preset_from_model
 from tests.helpers import tiny_inputs
 
 
 def test_presets_are_deterministic_and_sd35_shaped() -> None:
     a, b = build_preset("tiny", seed=3), build_preset("tiny", seed=3)
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
-    from engine.models.presets import PRESETS
+    from engine.backends.sd3.presets import PRESETS
 
     sd = PRESETS["sd35-medium"].transformer
     assert (sd["num_layers"], sd["num_attention_heads"], sd["attention_head_dim"]) == (24, 24, 64)

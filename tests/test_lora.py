@@ -11,10 +11,8 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
 
-from engine.checkpoint import SUMS
-from engine.models.export import export_adapter
-from engine.models.loading import build_preset
-from engine.models.lora import (
+from engine.adapters.export import export_adapter
+from engine.adapters.lora import (
     DIFFUSERS_WEIGHTS,
     PEFT_CONFIG,
     PEFT_WEIGHTS,
@@ -28,8 +26,11 @@ from engine.models.lora import (
     lora_layers,
     random_adapter,
 )
-from engine.models.merge import merge_into_student
-from engine.models.velocity import predict_velocity
+from engine.adapters.merge import merge_into_student
+from engine.backends import get_backend
+from engine.backends.sd3.backend import predict_velocity
+from engine.backends.sd3.loading import build_preset
+from engine.files import SUMS
 from tests.helpers import randomize_student, tiny_inputs, tiny_model
 
 
@@ -74,7 +75,7 @@ def test_export_round_trip_peft_diffusers_and_ours(tmp_path: Path) -> None:
     AdapterSwitch(model).activate(STUDENT)
     inputs = tiny_inputs(seed=3)
     expected = velocity(model, inputs)
-    out = export_adapter(model, tmp_path / "export")
+    out = export_adapter(model, tmp_path / "export", get_backend('sd3'))
     assert sorted(p.name for p in out.iterdir()) == sorted([PEFT_CONFIG, PEFT_WEIGHTS, DIFFUSERS_WEIGHTS, SUMS])
     cfg = json.loads((out / PEFT_CONFIG).read_text())
     assert cfg["r"] == 4 and cfg["lora_alpha"] == 8.0 and sorted(cfg["target_modules"])[0] == "add_k_proj"
@@ -99,7 +100,7 @@ def test_export_round_trip_peft_diffusers_and_ours(tmp_path: Path) -> None:
 def test_diffusers_file_without_alpha_is_refused(tmp_path: Path) -> None:
     model = tiny_model()
     randomize_student(model)
-    out = export_adapter(model, tmp_path / "e")
+    out = export_adapter(model, tmp_path / "e", get_backend('sd3'))
     state = load_file(out / DIFFUSERS_WEIGHTS)
     bare = tmp_path / "bare.safetensors"
     save_file(state, str(bare))  # no lora_adapter_metadata: alpha unknown
@@ -119,13 +120,13 @@ def test_diffusers_file_without_alpha_is_refused(tmp_path: Path) -> None:
 
 def test_mismatched_adapters_are_refused_with_file_name(tmp_path: Path) -> None:
     model = tiny_model()
-    out = export_adapter(model, tmp_path / "e")
+    out = export_adapter(model, tmp_path / "e", get_backend('sd3'))
     (out / SUMS).unlink()  # hand-edited adapters below: no checksums, so the structural checks must catch them
     other = build_preset("sd35-medium") if False else None  # noqa: F841 (documentation: same class, other dims)
     # wrong shapes: a model with a different width
     from diffusers import SD3Transformer2DModel
 
-    from engine.models.presets import PRESETS
+    from engine.backends.sd3.presets import PRESETS
 
     wide = SD3Transformer2DModel(**{**PRESETS["tiny"].transformer, "num_attention_heads": 3})
     with pytest.raises(AdapterError, match=r"adapter_model.safetensors does not match the model: .*shape"):
@@ -197,7 +198,7 @@ def test_export_loads_through_the_sd3_pipeline_with_identical_outputs(tmp_path: 
     AdapterSwitch(model).activate(STUDENT)
     inputs = tiny_inputs(seed=5)
     expected = velocity(model, inputs)
-    out = export_adapter(model, tmp_path / "export")
+    out = export_adapter(model, tmp_path / "export", get_backend('sd3'))
     components = dict.fromkeys(["vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2",
                                 "text_encoder_3", "tokenizer_3"])
     pipe = StableDiffusion3Pipeline(transformer=build_preset("tiny", seed=0),
@@ -212,7 +213,7 @@ def test_export_is_readable_like_any_new_file(tmp_path: Path) -> None:
     mask = 0o027  # e.g. a group-readable cluster setting
     old = os.umask(mask)
     try:
-        out = export_adapter(model, tmp_path / "export")
+        out = export_adapter(model, tmp_path / "export", get_backend('sd3'))
     finally:
         os.umask(old)
     assert out.stat().st_mode & 0o777 == 0o777 & ~mask

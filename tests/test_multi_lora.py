@@ -17,23 +17,25 @@ from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 
-from engine.models.lora import STUDENT, AdapterSwitch, LoraSpec, freeze_for_training, lora_layers, random_adapter
-from engine.models.multi_lora import (
+from engine.adapters.lora import STUDENT, AdapterSwitch, LoraSpec, freeze_for_training, lora_layers, random_adapter
+from engine.adapters.multi_lora import (
     OP,
-    BatchedFieldEvaluator,
     MultiLoraLinear,
     SegmentBatch,
     install_multi_lora,
-    plan_rows,
     segmented_op,
     uninstall_multi_lora,
 )
-from engine.models.presets import PRESETS
-from engine.models.velocity import Cond, predict_velocity
-from engine.opd.fields import Field, FieldEvaluator, student_field
+from engine.backends.sd3.backend import predict_velocity
+from engine.backends.sd3.cond import SD3Cond
+from engine.backends.sd3.presets import PRESETS
+from engine.fields import Field, PeftFieldEvaluator, student_field
+from engine.fields.batched import BatchedFieldEvaluator
+from engine.fields.rows import plan_rows
 from kernels.lora_segmented import lora_segmented, lora_segmented_torch
 
 PRESET = PRESETS["tiny"]
+V = predict_velocity  # the SD3 family's velocity, what every evaluator calls
 FIELDS = [
     student_field(),
     Field("student_cfg", STUDENT, 4.5),
@@ -65,13 +67,13 @@ def _model(dtype: torch.dtype = torch.float32) -> SD3Transformer2DModel:
     return model.to(dtype)
 
 
-def _inputs(n: int = len(ROWS), seed: int = 1) -> tuple[torch.Tensor, torch.Tensor, Cond, Cond]:
+def _inputs(n: int = len(ROWS), seed: int = 1) -> tuple[torch.Tensor, torch.Tensor, SD3Cond, SD3Cond]:
     gen = torch.Generator().manual_seed(seed)
     c, size, dim, L = PRESET.latent_channels, PRESET.latent_size, PRESET.joint_attention_dim, PRESET.text_seq_len
     x = torch.randn(n, c, size, size, generator=gen)
     sigma = torch.rand(n, generator=gen)
-    cond = Cond(torch.randn(n, L, dim, generator=gen), torch.randn(n, PRESET.pooled_projection_dim, generator=gen))
-    uncond = Cond(torch.randn(1, L, dim, generator=gen), torch.randn(1, PRESET.pooled_projection_dim, generator=gen))
+    cond = SD3Cond(torch.randn(n, L, dim, generator=gen), torch.randn(n, PRESET.pooled_projection_dim, generator=gen))
+    uncond = SD3Cond(torch.randn(1, L, dim, generator=gen), torch.randn(1, PRESET.pooled_projection_dim, generator=gen))
     return x, sigma, cond, uncond
 
 
@@ -90,8 +92,8 @@ def test_velocities_match_reference(backend):
     model = _model()
     x, sigma, cond, uncond = _inputs()
     with torch.no_grad():
-        ref = FieldEvaluator(model, FIELDS, uncond).velocities(x, sigma, cond, ROWS)
-        got = BatchedFieldEvaluator(model, FIELDS, uncond).velocities(x, sigma, cond, ROWS)
+        ref = PeftFieldEvaluator(model, V, FIELDS, uncond).velocities(x, sigma, cond, ROWS)
+        got = BatchedFieldEvaluator(model, V, FIELDS, uncond).velocities(x, sigma, cond, ROWS)
     assert got.shape == ref.shape == x.shape and not got.requires_grad
     torch.testing.assert_close(got, ref, atol=_tol(ref), rtol=1e-5)
 
@@ -101,9 +103,9 @@ def test_velocities_bf16_within_dtype_tolerance():
     model16 = copy.deepcopy(model32).to(torch.bfloat16)
     x, sigma, cond, uncond = _inputs()
     with torch.no_grad():
-        exact = FieldEvaluator(model32, FIELDS, uncond).velocities(x, sigma, cond, ROWS).double()
-        ref16 = FieldEvaluator(model16, FIELDS, uncond).velocities(x, sigma, cond, ROWS).double()
-        got16 = BatchedFieldEvaluator(model16, FIELDS, uncond).velocities(x, sigma, cond, ROWS).double()
+        exact = PeftFieldEvaluator(model32, V, FIELDS, uncond).velocities(x, sigma, cond, ROWS).double()
+        ref16 = PeftFieldEvaluator(model16, V, FIELDS, uncond).velocities(x, sigma, cond, ROWS).double()
+        got16 = BatchedFieldEvaluator(model16, V, FIELDS, uncond).velocities(x, sigma, cond, ROWS).double()
     for i, name in enumerate(ROWS):
         err, base = (got16[i] - exact[i]).abs().max(), (ref16[i] - exact[i]).abs().max()
         assert err <= 2 * base + 1e-2, f"row {i} ({name}): batched bf16 err {err:.3g} vs peft bf16 {base:.3g}"
@@ -114,7 +116,7 @@ def test_velocities_match_peft_set_adapter_loop():
     model = _model()
     x, sigma, cond, uncond = _inputs()
     with torch.no_grad():
-        got = BatchedFieldEvaluator(model, FIELDS, uncond).velocities(x, sigma, cond, ROWS)
+        got = BatchedFieldEvaluator(model, V, FIELDS, uncond).velocities(x, sigma, cond, ROWS)
         by_name = {f.name: f for f in FIELDS}
         for i, name in enumerate(ROWS):
             f = by_name[name]
@@ -141,16 +143,16 @@ def test_student_gradients_match_peft(backend, fuse_grad):
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     assert params and all(f".{STUDENT}." in n for n in params)
 
-    def grads(evaluator: FieldEvaluator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def grads(evaluator: PeftFieldEvaluator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         model.zero_grad(set_to_none=True)
         v = evaluator.velocities(x, sigma, cond, ROWS)
         (v * weights).sum().backward()
         return v.detach(), {n: p.grad.clone() for n, p in params.items()}
 
-    v_ref, g_ref = grads(FieldEvaluator(model, FIELDS, uncond))
-    v_got, g_got = grads(BatchedFieldEvaluator(model, FIELDS, uncond, fuse_grad=fuse_grad))
+    v_ref, g_ref = grads(PeftFieldEvaluator(model, V, FIELDS, uncond))
+    v_got, g_got = grads(BatchedFieldEvaluator(model, V, FIELDS, uncond, fuse_grad=fuse_grad))
     with torch.no_grad():
-        assert not BatchedFieldEvaluator(model, FIELDS, uncond).velocities(x, sigma, cond, ROWS).requires_grad
+        assert not BatchedFieldEvaluator(model, V, FIELDS, uncond).velocities(x, sigma, cond, ROWS).requires_grad
     torch.testing.assert_close(v_got, v_ref, atol=_tol(v_ref), rtol=1e-5)
     assert any(g.abs().sum() > 0 for g in g_ref.values())
     for n in params:
@@ -181,7 +183,7 @@ def test_install_keeps_plain_forwards_and_peft_state(tmp_path):
     for a, b in zip(before, plain()):
         assert torch.equal(a, b)
     with torch.no_grad():  # the first segmented forward re-points frozen teachers' weights into the stacks
-        BatchedFieldEvaluator(model, FIELDS, uncond).velocities(x, sigma, cond, ROWS[: x.shape[0]])
+        BatchedFieldEvaluator(model, V, FIELDS, uncond).velocities(x, sigma, cond, ROWS[: x.shape[0]])
     layer = state.layers[0]
     assert layer.lora_A["t1"].weight.data_ptr() == layer._mlora_stack.a[1].data_ptr()
     assert layer.lora_B["t2"].weight.data_ptr() == layer._mlora_stack.b[2].data_ptr()  # t2 has the max rank
@@ -201,8 +203,8 @@ def test_stacks_follow_peft_parameters():
     """In-place teacher reloads, optimizer steps on the student and adapters added later are all seen."""
     model = _model()
     x, sigma, cond, uncond = _inputs()
-    batched = BatchedFieldEvaluator(model, FIELDS, uncond)
-    ref = FieldEvaluator(model, FIELDS, uncond)
+    batched = BatchedFieldEvaluator(model, V, FIELDS, uncond)
+    ref = PeftFieldEvaluator(model, V, FIELDS, uncond)
     with torch.no_grad():
         first = batched.velocities(x, sigma, cond, ROWS)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
@@ -219,7 +221,7 @@ def test_stacks_follow_peft_parameters():
     random_adapter(model, "t4", LoraSpec(rank=3, alpha=5), seed=14)
     fields = [*FIELDS, Field("late", "t4", 2.0)]
     rows = [*ROWS[:-1], "late"]
-    batched, ref = BatchedFieldEvaluator(model, fields, uncond), FieldEvaluator(model, fields, uncond)
+    batched, ref = BatchedFieldEvaluator(model, V, fields, uncond), PeftFieldEvaluator(model, V, fields, uncond)
     with torch.no_grad():
         want = ref.velocities(x, sigma, cond, rows)
         got = batched.velocities(x, sigma, cond, rows)
@@ -230,8 +232,8 @@ def test_stacks_follow_peft_parameters():
     fields = [f for f in fields if f.adapter != "t1"] + [Field("newest", "t5", 1.5)]
     rows = [r if r != "geneval" else "newest" for r in rows]
     with torch.no_grad():
-        want = FieldEvaluator(model, fields, uncond).velocities(x, sigma, cond, rows)
-        got = BatchedFieldEvaluator(model, fields, uncond).velocities(x, sigma, cond, rows)
+        want = PeftFieldEvaluator(model, V, fields, uncond).velocities(x, sigma, cond, rows)
+        got = BatchedFieldEvaluator(model, V, fields, uncond).velocities(x, sigma, cond, rows)
     torch.testing.assert_close(got, want, atol=_tol(want), rtol=1e-5)
 
 
@@ -245,7 +247,7 @@ def test_segment_batch_and_row_plan():
     assert empty.seg_indptr.tolist() == [0] and empty.seg_adapter.numel() == 0
     state = install_multi_lora(_model())
     by_name = {f.name: f for f in FIELDS}
-    plan = plan_rows([by_name[r] for r in ROWS], list(range(len(ROWS))), state)
+    plan = plan_rows([by_name[r] for r in ROWS], list(range(len(ROWS))), state.slot)
     guided = sum(by_name[r].guided for r in ROWS)
     assert len(plan.src) == len(ROWS) + guided == len(plan.uncond_pos) + len(plan.cond_pos)
     assert plan.slots == sorted(plan.slots)  # one segment per adapter
@@ -267,14 +269,14 @@ def test_cpu_auto_backend_is_torch(monkeypatch):
 def test_errors_are_loud():
     model = _model()
     x, sigma, cond, uncond = _inputs()
-    evaluator = BatchedFieldEvaluator(model, FIELDS, uncond)
+    evaluator = BatchedFieldEvaluator(model, V, FIELDS, uncond)
     with pytest.raises(ValueError, match="field names"):
         evaluator.velocities(x, sigma, cond, ROWS[:-1])
     with pytest.raises(KeyError, match="unknown field"):
         evaluator.velocities(x, sigma, cond, ["nope"] * len(ROWS))
     with pytest.raises(RuntimeError, match="checkpointing"):
         model.enable_gradient_checkpointing()
-        BatchedFieldEvaluator(model, FIELDS, uncond, fuse_grad=True).velocities(x, sigma, cond, ROWS)
+        BatchedFieldEvaluator(model, V, FIELDS, uncond, fuse_grad=True).velocities(x, sigma, cond, ROWS)
     model.disable_gradient_checkpointing()
     with pytest.raises(ValueError, match="rows"), torch.no_grad():
         with evaluator.state.segments(SegmentBatch.from_slots([0, 1], "cpu")):
@@ -285,8 +287,8 @@ def test_reference_mode_is_the_parent_loop():
     model = _model()
     x, sigma, cond, uncond = _inputs()
     with torch.no_grad():
-        a = BatchedFieldEvaluator(model, FIELDS, uncond, reference=True).velocities(x, sigma, cond, ROWS)
-        b = FieldEvaluator(model, FIELDS, uncond).velocities(x, sigma, cond, ROWS)
+        a = BatchedFieldEvaluator(model, V, FIELDS, uncond, reference=True).velocities(x, sigma, cond, ROWS)
+        b = PeftFieldEvaluator(model, V, FIELDS, uncond).velocities(x, sigma, cond, ROWS)
     assert torch.equal(a, b)
 
 
@@ -297,9 +299,9 @@ def test_cuda_bf16_velocities_and_grads(fuse_grad):
     model = copy.deepcopy(model32).to(torch.bfloat16)
     x, sigma, cond, uncond = (t.cuda() if isinstance(t, torch.Tensor) else t.to("cuda") for t in _inputs())
     with torch.no_grad():
-        exact = FieldEvaluator(model32, FIELDS, uncond).velocities(x, sigma, cond, ROWS).double()
-        ref = FieldEvaluator(model, FIELDS, uncond).velocities(x, sigma, cond, ROWS).double()
-    got = BatchedFieldEvaluator(model, FIELDS, uncond, fuse_grad=fuse_grad).velocities(x, sigma, cond, ROWS)
+        exact = PeftFieldEvaluator(model32, V, FIELDS, uncond).velocities(x, sigma, cond, ROWS).double()
+        ref = PeftFieldEvaluator(model, V, FIELDS, uncond).velocities(x, sigma, cond, ROWS).double()
+    got = BatchedFieldEvaluator(model, V, FIELDS, uncond, fuse_grad=fuse_grad).velocities(x, sigma, cond, ROWS)
     got.float().square().mean().backward()
     err, base = (got.double() - exact).abs().max(), (ref - exact).abs().max()
     assert err <= 2 * base + 1e-2

@@ -123,7 +123,7 @@ def test_weight_grad_only_when_asked():
 
 def test_triton_gated_off_without_interpreter(monkeypatch):
     """On a CPU without TRITON_INTERPRET=1 the kernel reports unusable and the dispatch falls back."""
-    import engine.models.attention  # noqa: F401  (registers the op)
+    import engine.backends.sd3.attention  # noqa: F401  (registers the op)
 
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert not qkn.triton_usable(torch.device("cpu"))

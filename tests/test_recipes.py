@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from engine.adapters.lora import DEFAULT_TARGETS
 from engine.config import Config, check_environment, load_config
-from engine.models.lora import DEFAULT_TARGETS
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 ATTN_PROJECTIONS = {"to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"}

@@ -11,10 +11,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from engine.checkpoint import SUMS, write_sha256sums
-from engine.models.export import export_adapter
-from engine.models.loading import ModelLoadError, build_preset, load_transformer
-from engine.models.lora import (
+from engine.adapters.export import export_adapter
+from engine.adapters.lora import (
     DIFFUSERS_METADATA_KEY,
     DIFFUSERS_WEIGHTS,
     PEFT_CONFIG,
@@ -24,7 +22,10 @@ from engine.models.lora import (
     adapter_scale,
     load_adapter,
 )
-from engine.models.presets import PRESETS
+from engine.backends import get_backend
+from engine.backends.sd3.loading import ModelLoadError, build_preset, load_transformer
+from engine.backends.sd3.presets import PRESETS
+from engine.files import SUMS, write_sha256sums
 from engine.train import main
 from tests.helpers import randomize_student, tiny_model
 
@@ -36,7 +37,7 @@ def adapter(tmp_path: Path) -> Path:
     """A good exported adapter (PEFT dir + diffusers file + SHA256SUMS) of the tiny preset, rank 4."""
     model = tiny_model()
     randomize_student(model)
-    return export_adapter(model, tmp_path / "adapter")
+    return export_adapter(model, tmp_path / "adapter", get_backend('sd3'))
 
 
 def refused(path: Path, match: str, model: torch.nn.Module | None = None, **kw) -> None:
@@ -89,10 +90,10 @@ def test_wrong_target_modules(adapter: Path) -> None:
 
 def test_adapter_of_another_base_model(tmp_path: Path) -> None:
     deeper = build_preset(type(PRESETS["tiny"])("deep", {**PRESETS["tiny"].transformer, "num_layers": 3}, 8, 8))
-    from engine.models.lora import STUDENT, LoraSpec, add_adapter
+    from engine.adapters.lora import STUDENT, LoraSpec, add_adapter
 
     add_adapter(deeper, STUDENT, LoraSpec(4, 8.0))
-    out = export_adapter(deeper, tmp_path / "deep")
+    out = export_adapter(deeper, tmp_path / "deep", get_backend('sd3'))
     # the deeper model's last block is not context-pre-only, its block 2 does not exist here: 16 stray weights
     refused(out, r"16 weights match no module of this model \(e\.g\. \['transformer_blocks\.1\.attn\.to_add_out")
     wide = type(PRESETS["tiny"])("wide", {**PRESETS["tiny"].transformer, "num_attention_heads": 3}, 8, 8)

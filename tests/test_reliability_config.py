@@ -16,9 +16,10 @@ import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from engine import config as C
+from engine.adapters.lora import DEFAULT_TARGETS
 from engine.config import Config, ConfigError, load_config
-from engine.models.lora import DEFAULT_TARGETS
+from engine.config import schema as C
+from engine.ops import BACKENDS
 from engine.train import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,7 +75,7 @@ NONPOS_F = st.floats(-10, 0).map(repr)
 NEG_F = st.floats(-10, -1e-3).map(repr)
 BAD_VALUES: dict[str, st.SearchStrategy[str]] = {
     "output_dir": st.just('""'),
-    "model.preset": _choice(tuple(__import__("engine.models.presets", fromlist=["PRESETS"]).PRESETS)),
+    "model.preset": _choice(tuple(__import__("engine.backends.sd3.presets", fromlist=["PRESETS"]).PRESETS)),
     "model.dtype": _choice(C.DTYPES), "model.attention": _choice(C.ATTENTION),
     "model.attention_backend": _choice(C.ATTENTION_BACKENDS),
     "model.latent_size": st.sampled_from(["-2", "3", "7", "18", "64"]),
@@ -101,7 +102,7 @@ BAD_VALUES: dict[str, st.SearchStrategy[str]] = {
     "train.warmup_steps": st.integers(-5, -1).map(str), "train.grad_clip": NEG_F,
     "train.save_every": st.integers(-5, -1).map(str),
     "train.profile_steps": st.sampled_from(['"5"', '"3:1"', '"a:b"', '"-1:2"']),
-    "kernels.sde_step": _choice(C.BACKENDS), "kernels.default": _choice(C.BACKENDS),
+    "kernels.backends.sde_step": _choice(BACKENDS), "kernels.default": _choice(BACKENDS),
 }
 
 
@@ -222,8 +223,8 @@ def config_overrides(draw: st.DrawFn) -> list[str]:
         f"train.prompts_per_step={draw(st.integers(1, 3))}", f"train.grad_accum={draw(st.integers(1, 2))}",
         f"train.lr={draw(st.floats(1e-5, 1e-2))}", f"train.warmup_steps={draw(st.integers(0, 2))}",
         f"train.grad_clip={draw(st.sampled_from([0.0, 0.5, 1.0]))}", f"train.seed={draw(st.integers(0, 9))}",
-        f"kernels.sde_step={draw(st.sampled_from(C.BACKENDS))!r}",
-        f"kernels.default={draw(st.sampled_from(C.BACKENDS))!r}",
+        f"kernels.backends.sde_step={draw(st.sampled_from(BACKENDS))!r}",
+        f"kernels.default={draw(st.sampled_from(BACKENDS))!r}",
         "train.steps=1", "train.save_every=0",
     ]
     return out

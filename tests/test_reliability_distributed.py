@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from engine.config import load_config
+from engine.distributed import DIST_TIMEOUT_ENV
 from engine.faults import ENV as FAULT_ENV
 from engine.metrics import read_metrics
-from engine.trainer import DIST_TIMEOUT_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 SETTINGS = ["rollout.steps=4", "train.steps=4", "train.save_every=1", "rollout.group_size=1"]

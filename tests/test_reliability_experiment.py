@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.checkpoint import CheckpointError, RunDirLock
+from engine.errors import CheckpointError
+from engine.files import RunDirLock
 from engine.metrics import read_metrics
 from engine.train import main
 
@@ -22,7 +23,7 @@ DANCE = "OPD student (DanceOPD: low-noise MSE)"
 STEPS = 6
 SHORT = [f"train.steps={STEPS}", "train.prompts_per_step=2", "rollout.group_size=2", "train.save_every=2",
          "report.eval_every=3", "report.samples_per_prompt=1",
-         f'report.variants."{DANCE}"=["opd.loss=mse", "rollout.sampler=ode", "opd.query_states=1", '
+         f'experiment.variants."{DANCE}"=["opd.loss=mse", "rollout.sampler=ode", "opd.query_states=1", '
          f'"opd.query_bias=low", "opd.beta=0.0", "train.steps={STEPS}"]']
 
 
@@ -44,7 +45,7 @@ def _alive(pid: int) -> bool:
 def test_a_second_process_on_one_run_dir_is_refused_until_the_holder_dies(tmp_path: Path,
                                                                           capsys: pytest.CaptureFixture) -> None:
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from pathlib import Path; from engine.checkpoint import RunDirLock; "
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from engine.files import RunDirLock; "
          "RunDirLock(Path(sys.argv[1])); print('locked', flush=True); time.sleep(600)", str(tmp_path)],
         stdout=subprocess.PIPE, env=_env(), cwd=REPO)
     try:

@@ -8,9 +8,10 @@ import logging
 import pytest
 import torch
 
-from engine.models.lora import STUDENT
-from engine.models.velocity import Cond
-from engine.opd.fields import FieldEvaluator, student_field
+from engine.adapters.lora import STUDENT
+from engine.backends.sd3.backend import predict_velocity
+from engine.backends.sd3.cond import SD3Cond
+from engine.fields import PeftFieldEvaluator, student_field
 from engine.sampling.rollout import PhiloxNoise, SampleNoise, rollout
 from engine.sampling.rollout_graph import RolloutRunner
 from engine.sampling.schedule import flow_match_sigmas
@@ -19,26 +20,27 @@ from tests.helpers import TINY, randomize_student, tiny_model
 LATENT = (TINY.latent_channels, TINY.latent_size, TINY.latent_size)
 
 
-def _uncond(device: torch.device | str = "cpu") -> Cond:
+def _uncond(device: torch.device | str = "cpu") -> SD3Cond:
     gen = torch.Generator().manual_seed(5)  # not zeros: the unconditional rows must matter
-    return Cond(torch.randn(1, TINY.text_seq_len, TINY.joint_attention_dim, generator=gen),
+    return SD3Cond(torch.randn(1, TINY.text_seq_len, TINY.joint_attention_dim, generator=gen),
                 torch.randn(1, TINY.pooled_projection_dim, generator=gen)).to(device)
 
 
-def _cond(b: int, seed: int = 1, device: torch.device | str = "cpu") -> Cond:
+def _cond(b: int, seed: int = 1, device: torch.device | str = "cpu") -> SD3Cond:
     gen = torch.Generator().manual_seed(seed)
-    return Cond(torch.randn(b, TINY.text_seq_len, TINY.joint_attention_dim, generator=gen),
+    return SD3Cond(torch.randn(b, TINY.text_seq_len, TINY.joint_attention_dim, generator=gen),
                 torch.randn(b, TINY.pooled_projection_dim, generator=gen)).to(device)
 
 
-def _reference(model, cfg: float, cond: Cond, noise: SampleNoise, sigmas: torch.Tensor, sampler: str):
-    """The trainer's eager path: FieldEvaluator velocity + the unfused step chain."""
-    ev = FieldEvaluator(model, [student_field(cfg)], _uncond(noise.device))
+def _reference(model, cfg: float, cond: SD3Cond, noise: SampleNoise, sigmas: torch.Tensor, sampler: str):
+    """The trainer's eager path: PeftFieldEvaluator velocity + the unfused step chain."""
+    ev = PeftFieldEvaluator(model, predict_velocity, [student_field(cfg)], _uncond(noise.device))
     return rollout(lambda x, s: ev.field_velocity(student_field(cfg), x, s, cond), noise, sigmas, sampler, 0.7)
 
 
 def _runner(model, cfg: float, sampler: str, graphs: bool = True, device: str = "cpu") -> RolloutRunner:
-    return RolloutRunner(model, student_field(cfg), _uncond(device), sampler=sampler, noise_level=0.7, graphs=graphs)
+    return RolloutRunner(model, student_field(cfg), _uncond(device), velocity=predict_velocity, sampler=sampler,
+                         noise_level=0.7, graphs=graphs)
 
 
 @pytest.mark.parametrize("sampler,cfg", [("sde", 3.0), ("sde", 1.0), ("ode", 2.5)])

@@ -4,7 +4,8 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from engine.sampling.schedule import flow_match_sigmas, sigma_to_timestep
+from engine.backends.sd3.backend import sigma_to_timestep
+from engine.sampling.schedule import flow_match_sigmas
 
 
 @pytest.mark.parametrize("steps", [1, 2, 3, 10, 16, 28, 40])

@@ -7,10 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from engine.backends.sd3.cond import SD3Cond
+from engine.backends.sd3.encoders import SD3TextEncoder
 from engine.config import load_config
 from engine.data.cache import load_or_build
 from engine.data.encode import main as encode_main
-from engine.data.encoders import SD3TextEncoder
 from tests.fake_sd3 import POOLED, T5_DIM, build_fake_sd3
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,8 +44,8 @@ def test_encode_cli_then_cache_hit_without_loading(pipeline_dir: Path, tmp_path:
     assert encode_main(["--prompts", str(prompts), "--encoder", str(pipeline_dir), "--out", str(cache),
                         "--max-sequence-length", "12"]) == 0
     enc = SD3TextEncoder(pipeline_dir, max_sequence_length=12)
-    emb = load_or_build(enc, ["[text] the digit 7", "[compose] a red square left of a blue circle"], cache)
-    assert enc.pipe is None and emb.embeds.shape == (3, 89, T5_DIM)
+    emb = load_or_build(enc, ["[text] the digit 7", "[compose] a red square left of a blue circle"], cache, SD3Cond)
+    assert enc.pipe is None and emb.table.prompt_embeds.shape == (3, 89, T5_DIM)
 
 
 def test_missing_encoder_dir_is_named(tmp_path: Path) -> None:
@@ -67,4 +68,4 @@ def test_train_from_local_pipeline_dir(pipeline_dir: Path, tmp_path: Path) -> No
     trainer.close()
     assert len(rows) == 2 and all(r["loss"] > 0 for r in rows)
     assert (tmp_path / "run" / "export" / "adapter_model.safetensors").is_file()
-    assert trainer.embeddings.embeds.shape == (3, 89, T5_DIM)
+    assert trainer.embeddings.table.prompt_embeds.shape == (3, 89, T5_DIM)

@@ -1,5 +1,5 @@
 """The embedded default: both OPD students of the miniature world and their report (engine.experiment,
-engine.toy.report), shortened to a few steps; the target checks; resuming a finished default run."""
+engine.worlds.toy.report), shortened to a few steps; the target checks; resuming a finished default run."""
 
 from __future__ import annotations
 
@@ -11,15 +11,15 @@ import pytest
 
 from engine.config import ConfigError, load_config, variant_config
 from engine.metrics import read_metrics
-from engine.toy.report import REWARDS_FILE, Row, check_targets, read_curve
-from engine.toy.rewards import COLUMNS
 from engine.train import main
+from engine.worlds.toy.report import REWARDS_FILE, Row, check_targets, read_curve
+from engine.worlds.toy.rewards import COLUMNS
 
 DANCE = "OPD student (DanceOPD: low-noise MSE)"
 # The default's own rows and files, with every run cut to 2 steps of 4 images and 1 sample per eval prompt.
 SHORT = ["train.steps=2", "train.prompts_per_step=2", "rollout.group_size=2", "train.save_every=1",
          "report.eval_every=1", "report.samples_per_prompt=1",
-         f'report.variants."{DANCE}"=["opd.loss=mse", "rollout.sampler=ode", "opd.query_states=1", '
+         f'experiment.variants."{DANCE}"=["opd.loss=mse", "rollout.sampler=ode", "opd.query_states=1", '
          f'"opd.query_bias=low", "opd.beta=0.0", "train.steps=2"]']
 
 
@@ -81,14 +81,14 @@ def test_rerunning_the_finished_default_repeats_no_step_and_reproduces_the_table
 
 def test_variant_problems_are_named_before_any_work(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as err:
-        load_config(None, [f'report.variants."{DANCE}"=["opd.loss=l2", "output_dir=/x"]',
-                           'report.variants.B=["rollout.steps=1"]'])
+        load_config(None, [f'experiment.variants."{DANCE}"=["opd.loss=l2", "output_dir=/x"]',
+                           'experiment.variants.B=["rollout.steps=1"]'])
     text = str(err.value)
-    assert f"report.variants.'{DANCE}': ['output_dir=/x'] cannot be overridden" in text
-    assert "report.variants.'B': rollout.steps = 1; must be >= 2" in text
+    assert f"experiment.variants.'{DANCE}': ['output_dir=/x'] cannot be overridden" in text
+    assert "experiment.variants.'B': rollout.steps = 1; must be >= 2" in text
     with pytest.raises(ConfigError, match="need data.encoder = 'toy'"):
         load_config(None, ["data.encoder=builtin"])
-    assert main(["--output-dir", str(tmp_path / "o"), "--set", 'report.variants.B=["student.rank=0"]']) == 2
+    assert main(["--output-dir", str(tmp_path / "o"), "--set", 'experiment.variants.B=["student.rank=0"]']) == 2
     assert not (tmp_path / "o").exists()
 
 
@@ -118,7 +118,7 @@ def test_target_checks_follow_the_routes() -> None:
 
 
 def test_variants_need_the_report() -> None:
-    with pytest.raises(ConfigError, match="report.variants are trained for the report's table"):
+    with pytest.raises(ConfigError, match="experiment.variants are trained for the report's table"):
         load_config(None, ["report.enabled=false"])
 
 
@@ -128,7 +128,7 @@ def test_a_short_opd_run_moves_the_rewards_toward_the_experts(tmp_path: Path) ->
     where the merge is furthest below the experts (aesthetic: ~0.53 -> expert ~0.9) and on average."""
     out = tmp_path / "run"
     steps = 20
-    assert main(["--output-dir", str(out), "--set", "report.enabled=false", "--set", "report.variants={}",
+    assert main(["--output-dir", str(out), "--set", "report.enabled=false", "--set", "experiment.variants={}",
                  "--set", f"report.eval_every={steps}", "--set", f"train.steps={steps}", "--set", "train.save_every=0",
                  "--set", "train.prompts_per_step=4", "--set", "train.lr=2e-3", "--set", "opd.loss=mse",
                  "--set", "rollout.sampler=ode", "--set", "opd.query_states=1", "--set", "opd.query_bias=low",

@@ -8,10 +8,10 @@ import re
 import pytest
 import torch
 
-from engine.eval import EvalSettings, add_merge, evaluate, sample_images
-from engine.models.lora import DEFAULT_TARGETS, adapter_names
-from engine.toy.model import EXPERTS, TOY_TRANSFORMER, WEIGHTS_DIR, load_toy
-from engine.toy.world import TASKS, eval_prompts
+from engine.adapters.lora import DEFAULT_TARGETS, adapter_names
+from engine.worlds.toy.eval import EvalSettings, add_merge, evaluate, sample_images
+from engine.worlds.toy.model import EXPERTS, TOY_TRANSFORMER, WEIGHTS_DIR, load_toy
+from engine.worlds.toy.world import TASKS, eval_prompts
 
 RECORD = json.loads((WEIGHTS_DIR / "eval.json").read_text())
 CHECK = RECORD["check"]

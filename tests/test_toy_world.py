@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from engine.toy import rewards
-from engine.toy.encoder import ToyTextEncoder
-from engine.toy.world import (
+from engine.worlds.toy import rewards
+from engine.worlds.toy.encoder import ToyTextEncoder
+from engine.worlds.toy.world import (
     BASE_TASK_MIX,
     COLORS,
     DEGRADATIONS,

@@ -12,11 +12,11 @@ import pytest
 import torch
 from peft import PeftModel
 
+from engine.adapters.lora import DIFFUSERS_WEIGHTS, STUDENT, AdapterSwitch
+from engine.backends.sd3.backend import predict_velocity
+from engine.backends.sd3.loading import build_preset
 from engine.config import load_config
 from engine.metrics import read_metrics
-from engine.models.loading import build_preset
-from engine.models.lora import DIFFUSERS_WEIGHTS, STUDENT, AdapterSwitch
-from engine.models.velocity import predict_velocity
 from tests.helpers import tiny_inputs
 
 REPO = Path(__file__).resolve().parents[1]

@@ -152,6 +152,8 @@ class ModelBackend(Protocol):
     """`model.family` value that selects this backend."""
     default_lora_targets: tuple[str, ...]
     """`student.targets` when the config leaves it empty (peft module-name suffixes)."""
+    cond_type: type[TensorCond]
+    """The family's conditioning class (the prompt cache stores its fields)."""
 
     def preset_names(self) -> list[str]:
         """Named architectures `build` can make with random init."""
@@ -164,6 +166,10 @@ class ModelBackend(Protocol):
     def preflight(self, config: Config) -> list[str]:
         """Problems only the inputs can show (files read, nothing heavy loaded): the student's targets on the real
         architecture (built on the meta device), encoder width vs model width."""
+        ...
+
+    def preset_spec(self, preset: str, latent_size: int = 0) -> ModelSpec:
+        """The spec of preset `preset` without building it (shapes, FLOPs, the builtin encoder's dims)."""
         ...
 
     def build(self, preset: str, seed: int, dtype: torch.dtype, latent_size: int = 0) -> tuple[torch.nn.Module,
@@ -183,8 +189,10 @@ class ModelBackend(Protocol):
         (1 = noise, 0 = data); the family maps it to its own timestep input."""
         ...
 
-    def text_encoder(self, spec: str, model_spec: ModelSpec, max_sequence_length: int) -> TextEncoder:
-        """The encoder named by `data.encoder` (`builtin`, or a local pipeline dir)."""
+    def text_encoder(self, spec: str, model_spec: ModelSpec, max_sequence_length: int,
+                     device: str | None = None) -> TextEncoder:
+        """The encoder named by `data.encoder` (`builtin`, or a local pipeline dir; run on `device`, default the
+        GPU when there is one)."""
         ...
 
     def vae(self, path: Path | None) -> VAE | None:

@@ -17,6 +17,7 @@ DEFAULT_TASK = "default"
 
 @dataclass(frozen=True)
 class Prompt:
+    """One prompt and its task tag (what hard routing keys on)."""
     text: str
     task: str
 
@@ -47,14 +48,15 @@ def parse_tagged(line: str) -> Prompt:
 def load_prompts(spec: str) -> list[Prompt]:
     """Read a prompt set (see module docstring); raises ValueError naming the file on bad input."""
     if spec.startswith("builtin:"):
-        name = spec.split(":", 1)[1]
-        if name == "toy":
-            from engine.toy.world import train_prompts  # the miniature world's set (engine/toy)
+        from engine.worlds import find_world, world_names
 
-            return [parse_tagged(p) for p in train_prompts()]
-        if name not in _BUILTIN:
-            raise ValueError(f"unknown builtin prompt set {name!r}; valid: {sorted(_BUILTIN) + ['toy']}")
-        return [parse_tagged(p) for p in _BUILTIN[name]]
+        name = spec.split(":", 1)[1]
+        if name in _BUILTIN:
+            return [parse_tagged(p) for p in _BUILTIN[name]]
+        world = find_world(name)  # a miniature world's training set (engine/worlds)
+        if world is None:
+            raise ValueError(f"unknown builtin prompt set {name!r}; valid: {sorted(_BUILTIN) + world_names()}")
+        return [parse_tagged(p) for p in world.train_prompts()]
     path = Path(spec)
     if not path.is_file():
         raise ValueError(f"prompt file not found: {path}")

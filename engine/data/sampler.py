@@ -24,6 +24,7 @@ from engine.data.prompts import Prompt
 
 @dataclass
 class Batch:
+    """One rank's images of a micro-batch: prompt ids, global sample ids, texts, tasks."""
     prompt_ids: list[int]
     """Index into the prompt list per image (each prompt repeated group_size times)."""
     sample_ids: list[int]
@@ -61,6 +62,7 @@ def weighted_pool(prompts: Sequence[Prompt], task_weights: Mapping[str, float]) 
 
 
 class PromptSampler:
+    """The prompts of (step, micro, rank) as a pure function of the seed (see the module docstring)."""
     def __init__(self, prompts: Sequence[Prompt], seed: int, per_rank: int, group_size: int = 1,
                  accum: int = 1, world: int = 1, rank: int = 0, task_weights: Mapping[str, float] | None = None):
         self.prompts = list(prompts)

@@ -13,15 +13,14 @@ from collections.abc import Sequence
 import torch
 
 from engine import rng
-from engine.config import OPDConfig
+from engine.config.schema import OPDConfig
 from engine.data.prompts import Prompt
-
-
-class RoutingError(ValueError):
-    pass
+from engine.errors import RoutingError
 
 
 class Router:
+    """Which field supervises each sample of a step, and which prompts a step draws from (epoch routing)."""
+
     def __init__(self, cfg: OPDConfig, prompts: Sequence[Prompt], seed: int):
         self.cfg, self.seed = cfg, seed
         tasks = sorted({p.task for p in prompts})

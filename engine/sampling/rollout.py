@@ -8,17 +8,25 @@ rank that ran it, or on resuming. Two streams keep that contract:
   step noise from the Philox stream of kernels/philox.py keyed by (derive_seed(seed, NOISE, c), offset t), which
   the fused step kernels draw in-kernel, so a captured step needs no noise input. Its `step(t)` materialises
   that stream (float64 Box-Muller, cast to float32) for the eager `rollout()` below, so both can be compared.
+
+`Rollout` is the interface the trainer calls, `rollout(cond, sample_ids, sigmas) -> Trajectory`; `EagerRollout`
+(here) and `GraphRollout` (rollout_graph.py) implement it.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
 from engine import rng
-from engine.sampling.steps import ode_step, sde_step
+from engine.backends.base import TensorCond
+from engine.fields.evaluator import FieldEvaluator
+from engine.fields.field import Field
+from engine.ops import ode_step, sde_step
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """(x [B, C, H, W], sigma [B]) -> v, with whatever guidance the caller applies."""
@@ -26,6 +34,7 @@ VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 @dataclass
 class Trajectory:
+    """A rollout: every state, the step log-probs and the schedule."""
     states: torch.Tensor
     """[T+1, B, C, H, W] x_0 (pure noise, sigma = 1) ... x_T (the sample), float32."""
     log_probs: torch.Tensor
@@ -35,10 +44,12 @@ class Trajectory:
 
     @property
     def num_steps(self) -> int:
+        """T, the denoising steps."""
         return self.sigmas.shape[0] - 1
 
     @property
     def samples(self) -> torch.Tensor:
+        """x_T, the final images (latents)."""
         return self.states[-1]
 
 
@@ -58,9 +69,11 @@ class SampleNoise:
         return torch.stack(out).to(self.device)
 
     def initial(self) -> torch.Tensor:
+        """[B, ...] the initial latents x_0 (sigma = 1)."""
         return self._draw(-1)
 
     def step(self, t: int) -> torch.Tensor:
+        """[B, ...] the noise of step t."""
         return self._draw(t)
 
 
@@ -76,6 +89,7 @@ class PhiloxNoise(SampleNoise):
         return [rng.derive_seed(self.seed, rng.NOISE, sid) for sid in self.ids]
 
     def step(self, t: int) -> torch.Tensor:
+        """[B, ...] the Philox noise of step t, materialised (what the fused kernels draw in-kernel)."""
         from kernels.philox import philox_normal_ref  # kernel modules only on use (TRITON_INTERPRET is read then)
 
         seeds = torch.tensor(self.row_seeds(), dtype=torch.int64, device=self.device)
@@ -110,3 +124,27 @@ def rollout(
             log_probs.append(torch.zeros(b, device=x.device))
         states.append(x)
     return Trajectory(states=torch.stack(states), log_probs=torch.stack(log_probs), sigmas=sigmas)
+
+
+class Rollout(Protocol):
+    """The student's rollout of one micro-batch, whichever runner does it."""
+
+    def __call__(self, cond: TensorCond, sample_ids: Sequence[int], sigmas: torch.Tensor) -> Trajectory:
+        """T = len(sigmas) - 1 steps from the initial latents of `sample_ids`, conditioned on `cond`."""
+        ...
+
+
+class EagerRollout:
+    """The reference runner: the field's velocity and one SDE/ODE step per denoising step, `SampleNoise` noise."""
+
+    def __init__(self, evaluator: FieldEvaluator, field: Field, *, sampler: str, noise_level: float, seed: int,
+                 latent_shape: tuple[int, ...], device: torch.device):
+        self.evaluator, self.field = evaluator, field
+        self.sampler, self.noise_level, self.seed = sampler, noise_level, seed
+        self.latent_shape, self.device = tuple(latent_shape), device
+
+    def __call__(self, cond: TensorCond, sample_ids: Sequence[int], sigmas: torch.Tensor) -> Trajectory:
+        """The rollout of `sample_ids` (noise keyed by (seed, sample id, step))."""
+        noise = SampleNoise(self.seed, sample_ids, self.latent_shape, self.device)
+        velocity = functools.partial(self.evaluator.field_velocity, self.field, cond=cond)
+        return rollout(velocity, noise, sigmas, self.sampler, self.noise_level)

@@ -37,16 +37,19 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from engine.models.lora import AdapterSwitch
-from engine.models.velocity import Cond, predict_velocity
-from engine.opd.fields import Field
+from engine.adapters.lora import AdapterSwitch
+from engine.backends.base import TensorCond
+from engine.fields.evaluator import Velocity
+from engine.fields.field import Field
+from engine.fields.rows import RowPlan, plan_rows, take
+from engine.ops import ode_step_indexed, sde_step_indexed
 from engine.profiling import nvtx_range
 from engine.sampling.rollout import PhiloxNoise, Trajectory
-from engine.sampling.steps import ode_step_indexed, sde_step_indexed
 
 log = logging.getLogger("flowopd")
 
@@ -60,8 +63,8 @@ class GraphKey:
 
     latent: tuple[int, ...]
     """(B, C, H, W) of the trajectory."""
-    text: tuple[int, int, int]
-    """(prompt tokens, embedding width, pooled width)."""
+    text: tuple[tuple[str, tuple[int, ...], torch.dtype], ...]
+    """(name, per-row shape, dtype) of every conditioning tensor."""
     model_dtype: torch.dtype
     device: str
     steps: int
@@ -81,7 +84,8 @@ class _Entry:
     sigmas: torch.Tensor
     step: torch.Tensor
     seeds: torch.Tensor
-    cond: Cond
+    cond: TensorCond
+    plan: RowPlan
     graph: torch.cuda.CUDAGraph | None = None
     params: tuple[int, ...] = ()
     failed: bool = False
@@ -91,7 +95,8 @@ class RolloutRunner:
     """The student's rollouts from static buffers, replayed as CUDA graphs where possible (see module doc).
 
     `field` is the rolled-out field (the student adapter and its rollout CFG scale); `uncond` the unconditional
-    prompt (batch 1) used when `field.cfg_scale != 1`; `switch` the model's `AdapterSwitch` (the field
+    prompt (batch 1) used when `field.cfg_scale != 1` (each row's twin is `cond.uncond_twin(uncond)`, the row plan's
+    layout); `velocity` the model family's v(model, x, sigma, cond); `switch` the model's `AdapterSwitch` (the field
     evaluator's, so both agree on the active adapter); `graphs=False` runs the same ops eagerly.
     """
 
@@ -99,8 +104,9 @@ class RolloutRunner:
         self,
         model: torch.nn.Module,
         field: Field,
-        uncond: Cond,
+        uncond: TensorCond,
         *,
+        velocity: Velocity,
         sampler: str = "sde",
         noise_level: float = 0.7,
         graphs: bool = True,
@@ -109,6 +115,7 @@ class RolloutRunner:
         if sampler not in ("sde", "ode"):
             raise ValueError(f"sampler must be 'sde' or 'ode', got {sampler!r}")
         self.model = model
+        self.velocity = velocity
         self.field = field
         self.uncond = uncond
         self.sampler = sampler
@@ -126,7 +133,7 @@ class RolloutRunner:
     # ------------------------------------------------------------------------------------------ public
 
     @torch.no_grad()
-    def rollout(self, cond: Cond, noise: PhiloxNoise, sigmas: torch.Tensor) -> Trajectory:
+    def rollout(self, cond: TensorCond, noise: PhiloxNoise, sigmas: torch.Tensor) -> Trajectory:
         """T = len(sigmas) - 1 steps from `noise.initial()`; the same Trajectory as `rollout()` with `noise`."""
         if not isinstance(noise, PhiloxNoise):
             raise TypeError(f"RolloutRunner draws step noise in-kernel: give a PhiloxNoise, not {type(noise).__name__}")
@@ -136,10 +143,10 @@ class RolloutRunner:
         if len(cond) != b:
             raise ValueError(f"{len(cond)} prompt embeddings for {b} latents")
         dtype = next(self.model.parameters()).dtype
-        text = (cond.prompt_embeds.shape[1], cond.prompt_embeds.shape[2], cond.pooled.shape[1])
+        text = tuple((k, tuple(t.shape[1:]), t.dtype) for k, t in cond.tensors().items())
         key = GraphKey(tuple(x0.shape), text, dtype, str(device), sigmas.shape[0] - 1, self.sampler, self.noise_level,
                        float(self.field.cfg_scale), self.field.adapter)
-        entry = self._entry(key, dtype, device)
+        entry = self._entry(key, dtype, device, cond)
         inputs = (x0, cond, self._device_ints(noise.row_seeds(), device), sigmas)
         self._load(entry, *inputs)
         if self._want_graph(key, entry):
@@ -165,12 +172,11 @@ class RolloutRunner:
         """One denoising step on the entry's buffers; everything stays on the device (capturable)."""
         b = key.latent[0]
         guided = key.guidance != 1.0
-        rows = 2 * b if guided else b
-        sigma = e.sigmas.index_select(0, e.step).expand(rows)
-        x_in = torch.cat([e.x, e.x]) if guided else e.x
-        v = predict_velocity(self.model, x_in, sigma, e.cond)
-        v_u, v_c = (v[:b], v[b:]) if guided else (None, None)
-        v_plain = None if guided else v
+        sigma = e.sigmas.index_select(0, e.step).expand(len(e.plan))
+        v = self.velocity(self.model, take(e.x, e.plan.src), sigma, e.cond)
+        v_u, v_c = e.plan.split(v, range(b))
+        v_plain = None if guided else v_c
+        v_c = v_c if guided else None
         if key.sampler == "sde":
             r = sde_step_indexed(e.x, v_plain, e.sigmas, e.step, key.noise_level, v_uncond=v_u, v_cond=v_c,
                                  guidance=key.guidance, seed=e.seeds, offset=e.step, return_mean=False, out=e.x)
@@ -182,7 +188,7 @@ class RolloutRunner:
 
     # ------------------------------------------------------------------------------------------ buffers
 
-    def _entry(self, key: GraphKey, dtype: torch.dtype, device: torch.device) -> _Entry:
+    def _entry(self, key: GraphKey, dtype: torch.dtype, device: torch.device, like: TensorCond) -> _Entry:
         entry = self.entries.get(key)
         if entry is not None:
             self.entries.move_to_end(key)
@@ -191,13 +197,7 @@ class RolloutRunner:
                 entry.graph = None
             return entry
         b, t = key.latent[0], key.steps
-        rows = 2 * b if key.guidance != 1.0 else b
-        length, width, pooled = key.text
-        cond = Cond(torch.zeros(rows, length, width, dtype=dtype, device=device),
-                    torch.zeros(rows, pooled, dtype=dtype, device=device))
-        if rows != b:  # [uncond; cond], the order of FieldEvaluator.field_velocity
-            cond.prompt_embeds[:b].copy_(self.uncond.prompt_embeds.expand(b, -1, -1))
-            cond.pooled[:b].copy_(self.uncond.pooled.expand(b, -1))
+        plan = plan_rows([self.field] * b)  # [uncond; cond] when guided, as every field evaluator lays them out
         entry = _Entry(
             x=torch.zeros(key.latent, dtype=torch.float32, device=device),
             states=torch.zeros((t + 1, *key.latent), dtype=torch.float32, device=device),
@@ -205,20 +205,18 @@ class RolloutRunner:
             sigmas=torch.zeros(t + 1, dtype=torch.float32, device=device),
             step=torch.zeros(1, dtype=torch.int64, device=device),
             seeds=torch.zeros(b, dtype=torch.int64, device=device),
-            cond=cond,
+            cond=like.zeros(len(plan), dtype=dtype, device=device),
+            plan=plan,
         )
         self.entries[key] = entry
         while len(self.entries) > MAX_ENTRIES:
             self.entries.popitem(last=False)
         return entry
 
-    @staticmethod
-    def _load(e: _Entry, x0: torch.Tensor, cond: Cond, seeds: torch.Tensor, sigmas: torch.Tensor) -> None:
-        b = x0.shape[0]
+    def _load(self, e: _Entry, x0: torch.Tensor, cond: TensorCond, seeds: torch.Tensor, sigmas: torch.Tensor) -> None:
         e.x.copy_(x0)
         e.states[0].copy_(x0)
-        e.cond.prompt_embeds[-b:].copy_(cond.prompt_embeds)
-        e.cond.pooled[-b:].copy_(cond.pooled)
+        e.cond.copy_(e.plan.conds(cond, self.uncond))
         e.seeds.copy_(seeds, non_blocking=True)
         e.sigmas.copy_(sigmas)
         e.step.zero_()
@@ -278,3 +276,14 @@ class RolloutRunner:
         if cause not in self._logged:
             self._logged.add(cause)
             log.warning(message)
+
+
+class GraphRollout:
+    """The `Rollout` interface over a `RolloutRunner`: in-kernel Philox step noise keyed by (seed, sample id, step)."""
+
+    def __init__(self, runner: RolloutRunner, *, seed: int, latent_shape: tuple[int, ...], device: torch.device):
+        self.runner, self.seed, self.latent_shape, self.device = runner, seed, tuple(latent_shape), device
+
+    def __call__(self, cond: TensorCond, sample_ids: Sequence[int], sigmas: torch.Tensor) -> Trajectory:
+        """The rollout of `sample_ids` from static buffers (CUDA graphs where possible)."""
+        return self.runner.rollout(cond, PhiloxNoise(self.seed, sample_ids, self.latent_shape, self.device), sigmas)

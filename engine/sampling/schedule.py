@@ -11,8 +11,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-TIMESTEP_SCALE = 1000.0  # SD3 is conditioned on t = sigma * num_train_timesteps
-
 
 def _shift(sigmas, shift: float):
     return shift * sigmas / (1 + (shift - 1) * sigmas)
@@ -31,8 +29,3 @@ def flow_match_sigmas(num_steps: int, shift: float = 3.0, num_train_timesteps: i
     sigmas = _shift(timesteps / num_train_timesteps, shift)
     sigmas = torch.from_numpy(sigmas).to(dtype=torch.float32)
     return torch.cat([sigmas, torch.zeros(1)])
-
-
-def sigma_to_timestep(sigma: torch.Tensor) -> torch.Tensor:
-    """The transformer's `timestep` input for a noise level."""
-    return sigma * TIMESTEP_SCALE

@@ -1,0 +1,209 @@
+"""`SD3Backend`: SD3 / SD3.5 behind the `ModelBackend` protocol (diffusers' `SD3Transformer2DModel`).
+
+Conventions it owns: the timestep is `1000 sigma` (FlowMatchEulerDiscreteScheduler's num_train_timesteps), the
+conditioning is `SD3Cond(prompt_embeds, pooled)`, the unconditional prompt is the empty prompt's embeddings, LoRA
+targets are the 8 joint-attention projections (as the public Flow-GRPO experts), latents are (16, H/8, W/8).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from engine.backends.base import ModelSpec, TextEncoder
+from engine.backends.sd3.cond import SD3Cond
+from engine.backends.sd3.presets import PRESETS, ModelPreset
+
+if TYPE_CHECKING:
+    from engine.backends.sd3.vae import SD3VAE
+    from engine.config.schema import Config
+
+TIMESTEP_SCALE = 1000.0  # SD3 is conditioned on t = sigma * num_train_timesteps
+DEFAULT_TARGETS: tuple[str, ...] = (
+    "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+)
+_SPEC_KEYS = ("sample_size", "patch_size", "in_channels", "num_layers", "attention_head_dim", "num_attention_heads",
+              "joint_attention_dim", "caption_projection_dim", "pooled_projection_dim", "out_channels",
+              "pos_embed_max_size", "dual_attention_layers", "qk_norm")
+
+
+def sigma_to_timestep(sigma: torch.Tensor) -> torch.Tensor:
+    """The transformer's `timestep` input for a noise level."""
+    return sigma * TIMESTEP_SCALE
+
+
+def predict_velocity(model: torch.nn.Module, x: torch.Tensor, sigma: torch.Tensor, cond: SD3Cond) -> torch.Tensor:
+    """v(x, sigma | cond) of the transformer with whatever adapter is active; sigma is [B] (or scalar)."""
+    sigma = torch.as_tensor(sigma, device=x.device, dtype=torch.float32)
+    if sigma.ndim == 0:
+        sigma = sigma.expand(x.shape[0])
+    dtype = next(model.parameters()).dtype
+    out = model(
+        hidden_states=x.to(dtype),
+        encoder_hidden_states=cond.prompt_embeds.to(dtype),
+        pooled_projections=cond.pooled.to(dtype),
+        timestep=sigma_to_timestep(sigma).to(dtype),
+        return_dict=False,
+    )[0]
+    return out
+
+
+def spec_of(preset: ModelPreset, latent_size: int = 0) -> ModelSpec:
+    """The ModelSpec of an SD3 architecture (preset or read from a model) at `latent_size` (0 = its default)."""
+    size = latent_size or preset.latent_size
+    return ModelSpec(family="sd3", name=preset.name, config=dict(preset.transformer),
+                     latent_shape=(preset.latent_channels, size, size), text_tokens=preset.text_seq_len)
+
+
+def _latent_fits(latent_size: int, transformer: Mapping[str, Any], what: str) -> list[str]:
+    """SD3's positional embedding covers pos_embed_max_size patches per side (measured: latent 18 on `tiny`,
+    max 8 x patch 2 = 16, fails at the first forward with "Height (9) cannot be greater than pos_embed_max_size")."""
+    limit = int(transformer.get("pos_embed_max_size") or 0) * int(transformer.get("patch_size", 1))
+    if latent_size and limit and latent_size > limit:
+        return [f"model.latent_size = {latent_size}; {what} supports at most {limit} (pos_embed_max_size x patch_size)"]
+    return []
+
+
+class SD3Backend:
+    """SD3 / SD3.5 (MMDiT). Heavy modules (diffusers) are imported inside the methods."""
+
+    family = "sd3"
+    default_lora_targets = DEFAULT_TARGETS
+    cond_type = SD3Cond
+
+    def preset_names(self) -> list[str]:
+        """tiny (tests), sd35-medium (the real architecture, random init)."""
+        return sorted(PRESETS)
+
+    def config_problems(self, config: Config) -> list[str]:
+        """Presets, latent size against the preset's positional embedding, the builtin encoder's reach."""
+        m, p = config.model, []
+        if not m.path and m.preset not in PRESETS:
+            p.append(f"model.preset = {m.preset!r}; valid: {', '.join(sorted(PRESETS))} (or set model.path)")
+        elif not m.path:
+            p.extend(_latent_fits(m.latent_size, PRESETS[m.preset].transformer, f"preset {m.preset!r}"))
+        return p
+
+    def model_config(self, config: Config) -> tuple[dict[str, Any] | None, str]:
+        """The transformer config of `config`'s model (preset kwargs, or the dir's config.json) and where it is
+        from; (None, reason) when it cannot be read (the loader then reports it, naming the file)."""
+        from engine.config.io import resolve_path
+
+        if not config.model.path:
+            preset = PRESETS.get(config.model.preset)
+            return (dict(preset.transformer), f"preset {config.model.preset!r}") if preset else (None, "")
+        model_dir = resolve_path(config.model.path)
+        cfg_file = next((d / "config.json" for d in (model_dir, model_dir / "transformer")
+                         if (d / "config.json").is_file()), None)
+        try:
+            data = json.loads(cfg_file.read_text()) if cfg_file else None
+        except (OSError, ValueError):
+            data = None
+        if not isinstance(data, dict):
+            return None, ""
+        return {k: v for k, v in data.items() if not k.startswith("_")}, str(cfg_file)
+
+    def preflight(self, config: Config) -> list[str]:
+        """Each student target must name a Linear layer of the model (peft's rule: the module's name is the target or
+        ends with '.' + target); the model is built on the meta device (no memory, ~0.5 s for SD3.5-M)."""
+        transformer, where = self.model_config(config)
+        if transformer is None:
+            return []
+        problems = _latent_fits(config.model.latent_size, transformer, where) if config.model.path else []
+        if not config.student.targets:
+            return problems
+        from diffusers import SD3Transformer2DModel
+
+        try:
+            with torch.device("meta"):
+                model = SD3Transformer2DModel(**transformer)
+        except (TypeError, ValueError) as exc:
+            return [*problems, f"model: cannot build the transformer from its config: {exc}"]
+        linear = [n for n, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)]
+        missing = [t for t in config.student.targets if not any(n == t or n.endswith("." + t) for n in linear)]
+        if missing:
+            problems.append(f"student.targets: {missing} match no Linear layer of the model (e.g. to_q, to_k, to_v, "
+                            f"to_out.0, add_q_proj, add_k_proj, add_v_proj, to_add_out, ff.net.0.proj)")
+        return problems
+
+    def preset_spec(self, preset: str, latent_size: int = 0) -> ModelSpec:
+        """The spec of preset `preset` (KeyError listing the valid names)."""
+        from engine.backends.sd3.presets import get_preset
+
+        return spec_of(get_preset(preset), latent_size)
+
+    def build(self, preset: str, seed: int, dtype: torch.dtype, latent_size: int = 0) -> tuple[torch.nn.Module,
+                                                                                                ModelSpec]:
+        """A randomly initialised transformer of `preset` (deterministic in `seed`) and its spec."""
+        from engine.backends.sd3.loading import build_preset
+        from engine.backends.sd3.presets import get_preset
+
+        p = get_preset(preset)
+        return build_preset(p, seed, dtype), spec_of(p, latent_size)
+
+    def load(self, path: Path, dtype: torch.dtype, latent_size: int = 0,
+             text_tokens: int = 0) -> tuple[torch.nn.Module, ModelSpec]:
+        """The transformer of a local dir (strict: SHA256SUMS, missing keys, NaN; errors name the file)."""
+        from engine.backends.sd3.loading import load_transformer, preset_from_model
+
+        model = load_transformer(path, dtype)
+        return model, spec_of(preset_from_model(model, text_tokens, latent_size or None))
+
+    def velocity(self, model: torch.nn.Module, x: torch.Tensor, sigma: torch.Tensor,
+                 cond: SD3Cond) -> torch.Tensor:  # type: ignore[override]
+        """v(x, sigma | cond): the transformer at timestep 1000 sigma."""
+        return predict_velocity(model, x, sigma, cond)
+
+    def text_encoder(self, spec: str, model_spec: ModelSpec, max_sequence_length: int,
+                     device: str | None = None) -> TextEncoder:
+        """`builtin` (the hash encoder, sized for the model's preset) or a local SD3 pipeline dir."""
+        from engine.backends.sd3.encoders import HashTextEncoder, SD3TextEncoder
+
+        if spec == "builtin":
+            if model_spec.name not in PRESETS:
+                raise ValueError("data.encoder = 'builtin' needs a model preset (it only fits tiny test models)")
+            cfg = model_spec.config
+            return HashTextEncoder(model_spec.text_tokens, int(cfg["joint_attention_dim"]),
+                                   int(cfg["pooled_projection_dim"]))
+        if not Path(spec).is_dir():
+            raise ValueError(f"data.encoder = {spec!r}: not builtin and not a local SD3 pipeline dir")
+        return SD3TextEncoder(spec, max_sequence_length, device)
+
+    def vae(self, path: Path | None) -> SD3VAE | None:
+        """The pipeline dir's `vae/` (None without a pipeline dir: presets and transformer-only dirs)."""
+        from engine.backends.sd3.vae import SD3VAE
+
+        if path is None or not (Path(path) / "vae" / "config.json").is_file():
+            return None
+        return SD3VAE.from_dir(Path(path))
+
+    def install_attention(self, model: torch.nn.Module, kind: str, backend: str) -> None:
+        """`fused`: the LoRA-fused joint-attention processor (engine/backends/sd3/attention.py); `reference`: as
+        loaded (diffusers' JointAttnProcessor2_0 with peft's LoRA layers)."""
+        if kind != "fused":
+            return
+        from engine import dispatch
+        from engine.backends.sd3.attention import install_attention
+
+        dispatch.set_backend("joint_attention", "triton")  # FLOWOPD_BACKEND[_JOINT_ATTENTION]=torch overrides
+        install_attention(model, backend=backend)
+
+    def forward_flops(self, spec: ModelSpec, lora_rank: int | None, lora_targets: Sequence[str]) -> float:
+        """MMDiT forward FLOPs per image (engine/backends/sd3/flops.py), LoRA on the attention projections."""
+        from engine.backends.sd3.flops import Lora, MMDiTDims, forward_flops
+
+        lora = None if lora_rank is None else Lora(lora_rank, tuple(lora_targets))
+        return forward_flops(MMDiTDims.from_config(spec.config), spec.latent_shape[-1], spec.text_tokens, lora).total
+
+    def save_lora(self, directory: Path, state: Mapping[str, torch.Tensor], metadata: Mapping[str, Any],
+                  weight_name: str) -> None:
+        """diffusers' own writer: keys `transformer.<module>.lora_{A,B}.weight`, the adapter config as metadata."""
+        from diffusers import StableDiffusion3Pipeline
+
+        StableDiffusion3Pipeline.save_lora_weights(str(directory), transformer_lora_layers=dict(state),
+                                                   transformer_lora_adapter_metadata=dict(metadata),
+                                                   weight_name=weight_name)

@@ -1,0 +1,46 @@
+"""The student model of a run, built from its config alone: base (loaded or a preset), the student LoRA, the
+teachers, the cold start, the attention implementation. Pure: no trainer state, no DeepSpeed, nothing written."""
+
+from __future__ import annotations
+
+import torch
+
+from engine import rng
+from engine.adapters.lora import STUDENT, LoraSpec, add_adapter, load_adapter, load_teachers
+from engine.adapters.merge import merge_into_student
+from engine.backends.base import ModelBackend, ModelSpec
+from engine.config.io import resolve_path
+from engine.config.schema import Config
+from engine.errors import ConfigError
+
+
+def build_student(config: Config, backend: ModelBackend) -> tuple[torch.nn.Module, ModelSpec]:
+    """The base model in float32 with every adapter of the run on it (the student initialised as configured)."""
+    c = config
+    if c.model.path:
+        model, spec = backend.load(resolve_path(c.model.path), torch.float32, c.model.latent_size)
+    else:
+        model, spec = backend.build(c.model.preset, c.model.init_seed, torch.float32, c.model.latent_size)
+    if c.model.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    s = c.student
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(rng.derive_seed(c.train.seed, rng.INIT))
+        try:
+            add_adapter(model, STUDENT, LoraSpec(s.rank, s.alpha, tuple(s.targets), s.init))
+        except ValueError as exc:  # peft: "Target modules {...} not found in the base model"
+            raise ConfigError([f"student.targets = {s.targets}: {exc}"]) from exc
+    load_teachers(model, c.teachers, s.targets)
+    if c.init.merge != "none":
+        names = c.init.teachers or [t.name for t in c.teachers]
+        off = [f"{n} (rank {model.peft_config[n].r})" for n in names if model.peft_config[n].r != s.rank]
+        if c.init.merge == "average" and off:
+            raise ConfigError([f"init.merge = 'average' averages A and B, so every merged teacher needs "
+                               f"student.rank = {s.rank}: {', '.join(off)}; use init.merge = 'svd'"])
+        merge_into_student(model, names, c.init.merge, c.init.weights or None)
+    elif c.init.adapter:
+        load_adapter(model, "_init", resolve_path(c.init.adapter))
+        merge_into_student(model, ["_init"], "svd", [1.0])
+        model.delete_adapters("_init")
+    backend.install_attention(model, c.model.attention, c.model.attention_backend)
+    return model, spec
