@@ -19,33 +19,21 @@ public `joint_qk_rmsnorm`.
 
 from __future__ import annotations
 
-import importlib.util
-import os
 from collections.abc import Sequence
 
 import torch
 
 from kernels.buffers import empty
+from kernels.runtime import interpreting, triton_importable, triton_runs_here, triton_runs_on
 
-_HAS_TRITON = importlib.util.find_spec("triton") is not None
-if _HAS_TRITON:
+if triton_importable():
     import triton
     import triton.language as tl
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def triton_usable(device: torch.device | None = None) -> bool:
-    """Can the Triton kernel run on tensors of `device` (None: on this machine at all)?"""
-    if not _HAS_TRITON:
-        return False
-    if _interpreting():
-        return device is None or device.type == "cpu"
-    if device is not None:
-        return device.type == "cuda"
-    return torch.cuda.is_available()
+    """Can the Triton kernel run on tensors of `device` (None: on this machine at all)? (kernels/runtime.py)"""
+    return triton_runs_here() if device is None else triton_runs_on(device)
 
 
 # ------------------------------------------------------------------------------------------------ reference
@@ -86,7 +74,7 @@ def joint_qk_rmsnorm_ref(
 
 # ------------------------------------------------------------------------------------------------ kernels
 
-if _HAS_TRITON:
+if triton_importable():
 
     @triton.jit
     def _round(x, dtype: tl.constexpr, RNE_BF16: tl.constexpr):
@@ -239,7 +227,7 @@ if _HAS_TRITON:
 def _block_m(m: int) -> int:
     # The interpreter costs ~1.5-2 ms per program instance whatever its size, so use few big programs there;
     # on a GPU 32 rows x 64 dims x 3 parts keeps ~6k programs in flight at 16 x 1024 tokens x 24 heads.
-    if _interpreting():
+    if interpreting():
         return min(256, triton.next_power_of_2(max(m, 1)))
     return 32
 
@@ -261,7 +249,7 @@ def _rows(y: torch.Tensor) -> torch.Tensor:
 
 
 def _rne_bf16(y: torch.Tensor) -> bool:
-    return _interpreting() and y.dtype == torch.bfloat16
+    return interpreting() and y.dtype == torch.bfloat16
 
 
 def _dummy(ref: torch.Tensor) -> torch.Tensor:
