@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import torch
 
-from kernels.philox import HAS_TRITON
-from kernels.sde_step import _check_out, _empty, _per_row, sigma_terms_ref
+from kernels.runtime import triton_importable
+from kernels.sde_step import _check_out, _empty, _nd, _per_row, sigma_terms_ref
 
-if HAS_TRITON:
+if triton_importable():
     import triton
     import triton.language as tl
 
@@ -52,7 +52,7 @@ def cfg_combine_ref(v_uncond: torch.Tensor, v_cond: torch.Tensor, scale: float) 
 
 # --------------------------------------------------------------------------------------------- Triton kernels
 
-if HAS_TRITON:
+if triton_importable():
 
     @triton.jit
     def _ode_step_kernel(
@@ -96,7 +96,22 @@ if HAS_TRITON:
 # --------------------------------------------------------------------------------------------- launchers
 
 
-def _launch_ode(backend: str, x, v, vc, table, step, next_off: int, guidance: float, out):
+# Custom ops, as in kernels/sde_step.py (not `flowopd::ode_step_fwd`: the C++ op the `cuda` backend calls inside).
+# With `out` given the result is written there and a 0-element tensor comes back (no alias of an input).
+
+
+@torch.library.custom_op("flowopd::ode_step_kernel_fwd", mutates_args=("out",))
+def _ode_step_fwd_op(
+    backend: str,
+    x: torch.Tensor,
+    v: torch.Tensor,
+    vc: torch.Tensor | None,
+    table: torch.Tensor,
+    step: torch.Tensor,
+    next_off: int,
+    guidance: float,
+    out: torch.Tensor | None,
+) -> torch.Tensor:
     b = x.shape[0]
     n = x.numel() // b
     x2, v2 = x.reshape(b, n).contiguous(), v.reshape(b, n).contiguous()
@@ -108,7 +123,31 @@ def _launch_ode(backend: str, x, v, vc, table, step, next_off: int, guidance: fl
         _ode_step_kernel[(triton.cdiv(n, _BLOCK), b)](
             x2, v2, vc2 if vc2 is not None else v2, res, table, step, n, int(step.numel() != 1), next_off,
             float(guidance), BLOCK=_BLOCK, CFG=vc is not None, num_warps=8)
-    return res.view(x.shape)
+    return x.new_empty(0) if out is not None else res.view(x.shape)
+
+
+@_ode_step_fwd_op.register_fake
+def _(backend, x, v, vc, table, step, next_off, guidance, out):
+    return x.new_empty(0) if out is not None else x.new_empty(x.shape)
+
+
+@torch.library.custom_op("flowopd::cfg_combine_kernel_fwd", mutates_args=())
+def _cfg_combine_fwd_op(v_uncond: torch.Tensor, v_cond: torch.Tensor, scale: float) -> torch.Tensor:
+    vu, vc = v_uncond.contiguous(), v_cond.contiguous()
+    out = _empty(vu.shape, torch.promote_types(vu.dtype, vc.dtype), vu.device)
+    m = vu.numel()
+    _cfg_combine_kernel[(triton.cdiv(m, _BLOCK),)](vu, vc, out, m, float(scale), BLOCK=_BLOCK, num_warps=8)
+    return out
+
+
+@_cfg_combine_fwd_op.register_fake
+def _(v_uncond, v_cond, scale):
+    return v_uncond.new_empty(v_uncond.shape, dtype=torch.promote_types(v_uncond.dtype, v_cond.dtype))
+
+
+def _launch_ode(backend: str, x, v, vc, table, step, next_off: int, guidance: float, out):
+    res = _ode_step_fwd_op(backend, _nd(x), _nd(v), _nd(vc), _nd(table), step, next_off, float(guidance), out)
+    return out.view(x.shape) if out is not None else res
 
 
 class ODEStepFunction(torch.autograd.Function):
@@ -138,11 +177,7 @@ class CFGCombineFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, v_uncond, v_cond, scale: float):
         ctx.scale, ctx.dtypes = scale, (v_uncond.dtype, v_cond.dtype)
-        vu, vc = v_uncond.contiguous(), v_cond.contiguous()
-        out = _empty(vu.shape, torch.promote_types(vu.dtype, vc.dtype), vu.device)
-        m = vu.numel()
-        _cfg_combine_kernel[(triton.cdiv(m, _BLOCK),)](vu, vc, out, m, float(scale), BLOCK=_BLOCK, num_warps=8)
-        return out
+        return _cfg_combine_fwd_op(v_uncond, v_cond, float(scale))
 
     @staticmethod
     def backward(ctx, gout):
