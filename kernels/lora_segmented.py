@@ -393,11 +393,11 @@ def _wgrad(
 
 
 # Custom ops, so that torch.compile sees the forward and the backward each as one opaque node (fake impls give
-# the output shapes). Absent gradients come back as 0-element tensors (a custom op cannot return None).
+# the output shapes). Absent gradients come back as 0-element tensors (a custom op cannot return None). Eager
+# calls run the functions directly (the op layer's dispatch costs ~94 us per call, see kernels/sde_step.py).
 
 
-@torch.library.custom_op("flowopd::lora_segmented_fwd", mutates_args=())
-def _lora_segmented_fwd_op(
+def _lora_segmented_fwd(
     x3: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
@@ -417,14 +417,16 @@ def _lora_segmented_fwd_op(
     return y3, h
 
 
+_lora_segmented_fwd_op = torch.library.custom_op("flowopd::lora_segmented_fwd", _lora_segmented_fwd, mutates_args=())
+
+
 @_lora_segmented_fwd_op.register_fake
 def _(x3, weight, bias, lora_a, lora_b, scales, seg_indptr, seg_adapter):
     b, t, _ = x3.shape
     return x3.new_empty((b, t, weight.shape[0])), x3.new_empty((b * t, lora_a.shape[1]))
 
 
-@torch.library.custom_op("flowopd::lora_segmented_bwd", mutates_args=())
-def _lora_segmented_bwd_op(
+def _lora_segmented_bwd(
     x3: torch.Tensor,
     weight: torch.Tensor,
     lora_a: torch.Tensor,
@@ -463,6 +465,9 @@ def _lora_segmented_bwd_op(
         for i in slots:
             db[i] = (_wgrad(h, g3, seg_indptr, seg_adapter, i) * scales[i]).T.to(db.dtype)
     return dx3, lora_a.new_empty(0) if da is None else da, lora_b.new_empty(0) if db is None else db
+
+
+_lora_segmented_bwd_op = torch.library.custom_op("flowopd::lora_segmented_bwd", _lora_segmented_bwd, mutates_args=())
 
 
 @_lora_segmented_bwd_op.register_fake
@@ -505,7 +510,8 @@ class LoraSegmentedFunction(torch.autograd.Function):
         trainable: int | None,
     ) -> torch.Tensor:
         x3 = _as_rows(x)
-        y3, h = _lora_segmented_fwd_op(x3, weight, bias, lora_a, lora_b, scales, seg_indptr, seg_adapter)
+        fwd = _lora_segmented_fwd_op if torch.compiler.is_compiling() else _lora_segmented_fwd
+        y3, h = fwd(x3, weight, bias, lora_a, lora_b, scales, seg_indptr, seg_adapter)
         ctx.save_for_backward(x3, weight, lora_a, lora_b, scales, seg_indptr, seg_adapter, h)
         ctx.trainable = trainable
         ctx.x_shape = x.shape
@@ -516,8 +522,9 @@ class LoraSegmentedFunction(torch.autograd.Function):
         x3, weight, lora_a, lora_b, scales, seg_indptr, seg_adapter, h = ctx.saved_tensors
         need_x, need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
         trainable = -1 if ctx.trainable is None else int(ctx.trainable)
-        dx3, da, db = _lora_segmented_bwd_op(x3, weight, lora_a, lora_b, scales, seg_indptr, seg_adapter, h, gy,
-                                             trainable, need_x, need_a, need_b)
+        bwd = _lora_segmented_bwd_op if torch.compiler.is_compiling() else _lora_segmented_bwd
+        dx3, da, db = bwd(x3, weight, lora_a, lora_b, scales, seg_indptr, seg_adapter, h, gy, trainable, need_x, need_a,
+                          need_b)
         dx = dx3.reshape(ctx.x_shape) if need_x else None
         return dx, None, None, da if need_a else None, db if need_b else None, None, None, None, None
 

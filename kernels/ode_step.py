@@ -97,11 +97,11 @@ if triton_importable():
 
 
 # Custom ops, as in kernels/sde_step.py (not `flowopd::ode_step_fwd`: the C++ op the `cuda` backend calls inside).
-# With `out` given the result is written there and a 0-element tensor comes back (no alias of an input).
+# With `out` given the result is written there and a 0-element tensor comes back (no alias of an input). Eager
+# calls run the functions directly (the op layer's dispatch costs ~94 us per call, see kernels/sde_step.py).
 
 
-@torch.library.custom_op("flowopd::ode_step_kernel_fwd", mutates_args=("out",))
-def _ode_step_fwd_op(
+def _ode_step_fwd(
     backend: str,
     x: torch.Tensor,
     v: torch.Tensor,
@@ -126,18 +126,23 @@ def _ode_step_fwd_op(
     return x.new_empty(0) if out is not None else res.view(x.shape)
 
 
+_ode_step_fwd_op = torch.library.custom_op("flowopd::ode_step_kernel_fwd", _ode_step_fwd, mutates_args=("out",))
+
+
 @_ode_step_fwd_op.register_fake
 def _(backend, x, v, vc, table, step, next_off, guidance, out):
     return x.new_empty(0) if out is not None else x.new_empty(x.shape)
 
 
-@torch.library.custom_op("flowopd::cfg_combine_kernel_fwd", mutates_args=())
-def _cfg_combine_fwd_op(v_uncond: torch.Tensor, v_cond: torch.Tensor, scale: float) -> torch.Tensor:
+def _cfg_combine_fwd(v_uncond: torch.Tensor, v_cond: torch.Tensor, scale: float) -> torch.Tensor:
     vu, vc = v_uncond.contiguous(), v_cond.contiguous()
     out = _empty(vu.shape, torch.promote_types(vu.dtype, vc.dtype), vu.device)
     m = vu.numel()
     _cfg_combine_kernel[(triton.cdiv(m, _BLOCK),)](vu, vc, out, m, float(scale), BLOCK=_BLOCK, num_warps=8)
     return out
+
+
+_cfg_combine_fwd_op = torch.library.custom_op("flowopd::cfg_combine_kernel_fwd", _cfg_combine_fwd, mutates_args=())
 
 
 @_cfg_combine_fwd_op.register_fake
@@ -146,7 +151,8 @@ def _(v_uncond, v_cond, scale):
 
 
 def _launch_ode(backend: str, x, v, vc, table, step, next_off: int, guidance: float, out):
-    res = _ode_step_fwd_op(backend, _nd(x), _nd(v), _nd(vc), _nd(table), step, next_off, float(guidance), out)
+    fwd = _ode_step_fwd_op if torch.compiler.is_compiling() else _ode_step_fwd
+    res = fwd(backend, _nd(x), _nd(v), _nd(vc), _nd(table), step, next_off, float(guidance), out)
     return out.view(x.shape) if out is not None else res
 
 
@@ -177,7 +183,8 @@ class CFGCombineFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, v_uncond, v_cond, scale: float):
         ctx.scale, ctx.dtypes = scale, (v_uncond.dtype, v_cond.dtype)
-        return _cfg_combine_fwd_op(v_uncond, v_cond, float(scale))
+        fwd = _cfg_combine_fwd_op if torch.compiler.is_compiling() else _cfg_combine_fwd
+        return fwd(v_uncond, v_cond, float(scale))
 
     @staticmethod
     def backward(ctx, gout):

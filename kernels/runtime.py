@@ -11,17 +11,20 @@ Never touches CUDA at import; imports nothing from the engine.
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 
 import torch
 
+_TRITON: bool | None = None  # a plain global, not functools.cache: torch.compile traces it as a constant
 
-@functools.cache
+
 def triton_importable() -> bool:
-    """Whether the `triton` package is installed (a spec lookup, no import)."""
-    return importlib.util.find_spec("triton") is not None
+    """Whether the `triton` package is installed (one spec lookup, no import)."""
+    global _TRITON
+    if _TRITON is None:
+        _TRITON = importlib.util.find_spec("triton") is not None
+    return _TRITON
 
 
 def interpreting() -> bool:

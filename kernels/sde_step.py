@@ -328,11 +328,14 @@ def _native_partials(q: int, b: int, elem: int, device: torch.device) -> int:
 # The launches are torch custom ops, so torch.compile sees each as one opaque node with known output shapes (the
 # fake impls). Not `flowopd::sde_step_fwd`: that is the C++ op of csrc/, which the `cuda` backend calls from
 # inside this one. A custom op may return neither None nor an alias of an input, so absent outputs (no mu; x' =
-# prev_sample, or x' written into `out`) come back as 0-element tensors that `_launch_fwd` replaces.
+# prev_sample, or x' written into `out`) come back as 0-element tensors that `_launch_fwd` replaces. (No argument
+# may be called `mode`: torch.compile's functionalization of the mutating op passes a `mode` of its own.)
+# Eager calls skip the op layer (`_launch_fwd`): its dispatch costs 94 us per call (measured, 2-core CPU machine,
+# torch 2.13; an estimated ~10 us of HBM traffic is the whole bf16 step at 16x16x128x128 on an H100), and its
+# first call imports torch._dynamo (2.2 s). Same function either way, so the results are the same bits.
 
 
-@torch.library.custom_op("flowopd::sde_step_kernel_fwd", mutates_args=("out",))
-def _sde_step_fwd_op(
+def _sde_step_fwd(
     backend: str,
     x: torch.Tensor,
     v: torch.Tensor,
@@ -346,7 +349,7 @@ def _sde_step_fwd_op(
     sig1_idx: int,
     noise_level: float,
     guidance: float,
-    mode: int,
+    noise_mode: int,
     return_mean: bool,
     out: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -355,7 +358,7 @@ def _sde_step_fwd_op(
     q = noise_groups(n)
     x2, v2, vc2, aux2 = _flat(x, b), _flat(v, b), _flat(vc, b), _flat(aux, b)
     sample = None
-    if mode != NOISE_PREV:
+    if noise_mode != NOISE_PREV:
         sample = out.reshape(b, n) if out is not None else _empty((b, n), x.dtype, x.device)
     mean = _empty((b, n), x.dtype, x.device) if return_mean else None
     logp = _empty((b,), torch.float32, x.device)
@@ -365,7 +368,7 @@ def _sde_step_fwd_op(
         p = _native_partials(q, b, x.element_size(), x.device)
         part = _empty((b, p), torch.float32, x.device)
         torch.ops.flowopd.sde_step_fwd(
-            x2, v2, vc2, aux2, mode, table, step, next_off, sig1_idx, seed, offset,
+            x2, v2, vc2, aux2, noise_mode, table, step, next_off, sig1_idx, seed, offset,
             float(noise_level), float(guidance), sample, mean, part, logp, std)
     else:
         p = triton.cdiv(q, _BLOCK_G)
@@ -375,7 +378,7 @@ def _sde_step_fwd_op(
             sample if sample is not None else x2, mean if mean is not None else x2, part,
             table, step, seed, offset, n, q, p, step_stride, seed_stride, next_off, sig1_idx,
             float(noise_level), float(guidance),
-            BLOCK_G=_BLOCK_G, NOISE=mode, CFG=vc is not None, WRITE_MEAN=return_mean, num_warps=4)
+            BLOCK_G=_BLOCK_G, NOISE=noise_mode, CFG=vc is not None, WRITE_MEAN=return_mean, num_warps=4)
         _sde_logprob_kernel[(b,)](
             part, logp, std, table, step, n, p, step_stride, next_off, sig1_idx, float(noise_level),
             BLOCK_P=_BLOCK_P, num_warps=4)
@@ -383,17 +386,19 @@ def _sde_step_fwd_op(
     return sample, x.new_empty(0) if mean is None else mean.view(x.shape), logp, std
 
 
+_sde_step_fwd_op = torch.library.custom_op("flowopd::sde_step_kernel_fwd", _sde_step_fwd, mutates_args=("out",))
+
+
 @_sde_step_fwd_op.register_fake
-def _(backend, x, v, vc, aux, table, step, seed, offset, next_off, sig1_idx, noise_level, guidance, mode,
+def _(backend, x, v, vc, aux, table, step, seed, offset, next_off, sig1_idx, noise_level, guidance, noise_mode,
       return_mean, out):
     b = x.shape[0]
-    sample = x.new_empty(x.shape) if mode != NOISE_PREV and out is None else x.new_empty(0)
+    sample = x.new_empty(x.shape) if noise_mode != NOISE_PREV and out is None else x.new_empty(0)
     mean = x.new_empty(x.shape) if return_mean else x.new_empty(0)
     return sample, mean, x.new_empty((b,), dtype=torch.float32), x.new_empty((b,), dtype=torch.float32)
 
 
-@torch.library.custom_op("flowopd::sde_step_kernel_bwd", mutates_args=())
-def _sde_step_bwd_op(
+def _sde_step_bwd(
     x: torch.Tensor,
     v: torch.Tensor,
     vc: torch.Tensor | None,
@@ -406,7 +411,7 @@ def _sde_step_bwd_op(
     sig1_idx: int,
     noise_level: float,
     guidance: float,
-    mode: int,
+    noise_mode: int,
     g_sample: torch.Tensor | None,
     g_mean: torch.Tensor | None,
     g_logp: torch.Tensor | None,
@@ -430,14 +435,17 @@ def _sde_step_bwd_op(
         gx if gx is not None else dummy, gv if gv is not None else dummy, gvc if gvc is not None else dummy,
         table, step, seed, offset, n, q, int(step.numel() != 1), int(seed.numel() != 1), next_off,
         sig1_idx, float(noise_level), float(guidance),
-        BLOCK_G=_BLOCK_G, NOISE=mode, CFG=cfg, HAS_GMEAN=gm2 is not None, HAS_GSAMPLE=gs2 is not None,
+        BLOCK_G=_BLOCK_G, NOISE=noise_mode, CFG=cfg, HAS_GMEAN=gm2 is not None, HAS_GSAMPLE=gs2 is not None,
         NEED_GX=need_gx, NEED_GV=need_gv, num_warps=4)
     shape = x.shape
     return tuple(x.new_empty(0) if g is None else g.view(shape) for g in (gx, gv, gvc))
 
 
+_sde_step_bwd_op = torch.library.custom_op("flowopd::sde_step_kernel_bwd", _sde_step_bwd, mutates_args=())
+
+
 @_sde_step_bwd_op.register_fake
-def _(x, v, vc, aux, table, step, seed, offset, next_off, sig1_idx, noise_level, guidance, mode, g_sample, g_mean,
+def _(x, v, vc, aux, table, step, seed, offset, next_off, sig1_idx, noise_level, guidance, noise_mode, g_sample, g_mean,
       g_logp, need_gx, need_gv):
     gx = x.new_empty(x.shape) if need_gx else x.new_empty(0)
     gv = v.new_empty(x.shape) if need_gv else x.new_empty(0)
@@ -453,7 +461,8 @@ def _nd(t: torch.Tensor | None) -> torch.Tensor | None:
 def _launch_fwd(backend: str, x, v, vc, aux, a: _Args, return_mean: bool, out: torch.Tensor | None):
     """(x', mu or None, log_prob, std) of one forward launch; x' is out (reshaped) when given, prev_sample in
     x's dtype in re-scoring mode."""
-    sample, mean, logp, std = _sde_step_fwd_op(
+    fwd = _sde_step_fwd_op if torch.compiler.is_compiling() else _sde_step_fwd
+    sample, mean, logp, std = fwd(
         backend, _nd(x), _nd(v), _nd(vc), _nd(aux), _nd(a.table), a.step, a.seed, a.offset, a.next_off, a.sig1_idx,
         float(a.noise_level), float(a.guidance), a.mode, return_mean, out)
     if a.mode == NOISE_PREV:
@@ -465,7 +474,8 @@ def _launch_fwd(backend: str, x, v, vc, aux, a: _Args, return_mean: bool, out: t
 
 def _launch_bwd(x, v, vc, aux, a: _Args, g_sample, g_mean, g_logp, need_gx: bool, need_gv: bool):
     """(gx, gv, gvc), None where not needed (gvc also without CFG)."""
-    gx, gv, gvc = _sde_step_bwd_op(
+    bwd = _sde_step_bwd_op if torch.compiler.is_compiling() else _sde_step_bwd
+    gx, gv, gvc = bwd(
         _nd(x), _nd(v), _nd(vc), _nd(aux), _nd(a.table), a.step, a.seed, a.offset, a.next_off, a.sig1_idx,
         float(a.noise_level), float(a.guidance), a.mode, _nd(g_sample), _nd(g_mean), _nd(g_logp), need_gx, need_gv)
     return gx if need_gx else None, gv if need_gv else None, gvc if need_gv and a.cfg else None
