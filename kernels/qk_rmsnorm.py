@@ -336,7 +336,9 @@ def qk_rmsnorm_bwd_triton(
     return dys, dwqs, dwks
 
 
-# Custom ops so that torch.compile treats the launches as opaque nodes with known output shapes.
+# Custom ops so that torch.compile treats the launches as opaque nodes with known output shapes. Eager calls run
+# the launchers directly (the op layer's dispatch costs ~94 us per call, see kernels/sde_step.py; two calls per
+# attention layer and forward).
 @torch.library.custom_op("flowopd::qk_rmsnorm_fwd", mutates_args=())
 def _qk_rmsnorm_fwd_op(
     ys: list[torch.Tensor],
@@ -482,7 +484,8 @@ class JointQKRMSNormFunction(torch.autograd.Function):
         n, norm_q, norm_k, heads, eps, use_triton = meta
         ys, wqs, wks = list(tensors[:n]), list(tensors[n : 2 * n]), list(tensors[2 * n :])
         if use_triton:
-            q, k, v = _qk_rmsnorm_fwd_op(ys, wqs, wks, norm_q, norm_k, heads, eps)
+            fwd = _qk_rmsnorm_fwd_op if torch.compiler.is_compiling() else qk_rmsnorm_fwd_triton
+            q, k, v = fwd(ys, wqs, wks, norm_q, norm_k, heads, eps)
         else:
             q, k, v = qk_rmsnorm_fwd_torch(ys, wqs, wks, norm_q, norm_k, heads, eps)
         ctx.meta = meta
@@ -498,7 +501,9 @@ class JointQKRMSNormFunction(torch.autograd.Function):
         for i in range(n):
             want_dw[2 * i] = bool(ctx.needs_input_grad[1 + n + i])
             want_dw[2 * i + 1] = bool(ctx.needs_input_grad[1 + 2 * n + i])
-        if use_triton:
+        if use_triton and not torch.compiler.is_compiling():
+            dys, dwqs, dwks = qk_rmsnorm_bwd_triton(ys, wqs, wks, norm_q, norm_k, heads, eps, dq, dk, dv, want_dw)
+        elif use_triton:
             flat = _qk_rmsnorm_bwd_op(ys, wqs, wks, norm_q, norm_k, heads, eps, dq, dk, dv, want_dw)
             dys = flat[:n]
             dwqs = [flat[n + 2 * i] if flat[n + 2 * i].numel() else None for i in range(n)]

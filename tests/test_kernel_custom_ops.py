@@ -1,4 +1,4 @@
-"""The kernel launches as torch custom ops (kernels/sde_step.py, ode_step.py, lora_segmented.py).
+"""The kernel launches as torch custom ops (kernels/sde_step.py, ode_step.py, lora_segmented.py, qk_rmsnorm.py).
 
 `torch.library.opcheck` runs each op against its schema (declared mutation of `out` only), its fake impl (output
 shapes, dtypes and strides of the real op, on odd shapes), and AOT dispatch with dynamic shapes; then
@@ -16,6 +16,7 @@ import torch
 
 from kernels import lora_segmented as lk
 from kernels import ode_step as ok
+from kernels import qk_rmsnorm as qkn
 from kernels import sde_step as sk
 from kernels.runtime import triton_runs_here
 
@@ -28,6 +29,16 @@ SHAPE = (3, 5, 7)  # B = 3 rows of N = 35: one program per row, a masked tail
 
 def _rand(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     return torch.randn(shape, device=DEV).to(dtype)
+
+
+# The first case of each op gets every opcheck test; the others the schema and fake-tensor checks only (the AOT
+# dispatch test traces and reruns the op, ~0.5 s a case in the interpreter).
+_FULL = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+_QUICK = ("test_schema", "test_faketensor")
+
+
+def _opcheck(op, args: tuple, full: bool = True) -> None:
+    torch.library.opcheck(op, args, test_utils=_FULL if full else _QUICK)
 
 
 def _sde_args(noise_mode: int, cfg: bool, dtype: torch.dtype, return_mean: bool, out: bool) -> tuple:
@@ -51,8 +62,8 @@ def _sde_args(noise_mode: int, cfg: bool, dtype: torch.dtype, return_mean: bool,
     ids=["philox", "given-cfg-bf16-nomean", "prev-fp16", "philox-cfg-out"],
 )
 def test_opcheck_sde_step_fwd(noise_mode, cfg, dtype, return_mean, out) -> None:
-    torch.library.opcheck(torch.ops.flowopd.sde_step_kernel_fwd.default,
-                          _sde_args(noise_mode, cfg, dtype, return_mean, out))
+    _opcheck(torch.ops.flowopd.sde_step_kernel_fwd.default, _sde_args(noise_mode, cfg, dtype, return_mean, out),
+             full=noise_mode == sk.NOISE_PHILOX)  # with and without the mutated `out`
 
 
 @pytest.mark.parametrize("noise_mode,cfg,grads", [(sk.NOISE_PHILOX, True, (True, True)),
@@ -63,9 +74,9 @@ def test_opcheck_sde_step_bwd(noise_mode, cfg, grads) -> None:
     _, x, v, vc, aux, table, step, seed, offset, next_off, sig1, a, g, mode, _, _ = _sde_args(
         noise_mode, cfg, torch.float32, True, False)
     g_sample = None if noise_mode == sk.NOISE_PREV else _rand(*SHAPE)
-    torch.library.opcheck(torch.ops.flowopd.sde_step_kernel_bwd.default,
-                          (x, v, vc, aux, table, step, seed, offset, next_off, sig1, a, g, mode, g_sample,
-                           _rand(*SHAPE), _rand(3), *grads))
+    _opcheck(torch.ops.flowopd.sde_step_kernel_bwd.default,
+             (x, v, vc, aux, table, step, seed, offset, next_off, sig1, a, g, mode, g_sample, _rand(*SHAPE), _rand(3),
+              *grads), full=noise_mode == sk.NOISE_PHILOX)
 
 
 @pytest.mark.parametrize("cfg,out", [(False, False), (True, True)], ids=["plain", "cfg-out"])
@@ -73,9 +84,9 @@ def test_opcheck_ode_step_and_cfg_combine(cfg: bool, out: bool) -> None:
     x, v, vc = (_rand(*SHAPE, dtype=torch.bfloat16) for _ in range(3))
     step = torch.tensor([3], device=DEV)
     dest = torch.empty_like(x) if out else None
-    torch.library.opcheck(torch.ops.flowopd.ode_step_kernel_fwd.default,
-                          ("triton", x, v, vc if cfg else None, SIG, step, 1, 3.0, dest))
-    torch.library.opcheck(torch.ops.flowopd.cfg_combine_kernel_fwd.default, (x, _rand(*SHAPE), 4.5))
+    _opcheck(torch.ops.flowopd.ode_step_kernel_fwd.default, ("triton", x, v, vc if cfg else None, SIG, step, 1, 3.0,
+                                                             dest))
+    _opcheck(torch.ops.flowopd.cfg_combine_kernel_fwd.default, (x, _rand(*SHAPE), 4.5), full=not cfg)
 
 
 def _lora_inputs(dtype: torch.dtype = torch.float32):
@@ -94,13 +105,12 @@ def _lora_inputs(dtype: torch.dtype = torch.float32):
 
 def test_opcheck_lora_segmented_fwd_bwd() -> None:
     x, weight, bias, a, b, scales, indptr, adapter = _lora_inputs()
-    torch.library.opcheck(torch.ops.flowopd.lora_segmented_fwd.default, (x, weight, bias, a, b, scales, indptr,
-                                                                          adapter))
+    _opcheck(torch.ops.flowopd.lora_segmented_fwd.default, (x, weight, bias, a, b, scales, indptr, adapter))
     _, h = torch.ops.flowopd.lora_segmented_fwd(x, weight, None, a, b, scales, indptr, adapter)
     gy = torch.randn(5, 3, 29, device=DEV)
     for trainable, needs in ((-1, (True, True, True)), (2, (False, True, False))):
-        torch.library.opcheck(torch.ops.flowopd.lora_segmented_bwd.default,
-                              (x, weight, a, b, scales, indptr, adapter, h, gy, trainable, *needs))
+        _opcheck(torch.ops.flowopd.lora_segmented_bwd.default,
+                 (x, weight, a, b, scales, indptr, adapter, h, gy, trainable, *needs), full=trainable == -1)
 
 
 def _recording_backend(seen: set[str]):
@@ -171,3 +181,33 @@ def test_compile_fullgraph_lora_segmented_bit_identical() -> None:
         results.append([loss.detach(), *torch.autograd.grad(loss, leaves)])
     _equal(*results)
     assert _flowopd(seen) == {"lora_segmented_fwd", "lora_segmented_bwd"}
+
+
+def _qk_inputs():
+    ys = [_rand(2, 5, 3 * 2 * 12), _rand(2, 3, 3 * 2 * 12)]  # two streams, H = 2, D = 12
+    return ys, [_rand(12), None], [_rand(12), _rand(12)], [True, True], [True, False], 2, 1e-6
+
+
+def test_opcheck_qk_rmsnorm_fwd_bwd() -> None:
+    ys, wq, wk, nq, nk, heads, eps = _qk_inputs()
+    _opcheck(torch.ops.flowopd.qk_rmsnorm_fwd.default, (ys, wq, wk, nq, nk, heads, eps))
+    grads = [_rand(2, 8, 2, 12) for _ in range(3)]
+    _opcheck(torch.ops.flowopd.qk_rmsnorm_bwd.default, (ys, wq, wk, nq, nk, heads, eps, *grads,
+                                                        [True, False, False, True]))
+
+
+def test_compile_fullgraph_qk_rmsnorm_bit_identical() -> None:
+    ys, wq, wk, nq, nk, heads, eps = _qk_inputs()
+
+    def f(y0, y1, w):
+        q, k, v = qkn.joint_qk_rmsnorm([y0, y1], [w, None], wk, nq, nk, heads, eps, use_triton=True)
+        return q.square().sum() + k.sum() + v.square().sum()
+
+    seen: set[str] = set()
+    results = []
+    for fn in (torch.compile(f, backend=_recording_backend(seen), fullgraph=True), f):
+        leaves = [t.clone().requires_grad_() for t in (*ys, wq[0])]
+        loss = fn(*leaves)
+        results.append([loss.detach(), *torch.autograd.grad(loss, leaves)])
+    _equal(*results)
+    assert _flowopd(seen) == {"qk_rmsnorm_fwd", "qk_rmsnorm_bwd"}
