@@ -235,7 +235,7 @@ def ode_step(
     x: torch.Tensor, v: torch.Tensor, sigma: float | torch.Tensor, sigma_next: float | torch.Tensor,
     *, backend: str = "triton",
 ) -> torch.Tensor:
-    """Same arguments as `engine.sampling.steps.ode_step_ref` (per-row sigmas as floats or [B] tensors)."""
+    """Same arguments as `engine.ops.ode_step_ref` (per-row sigmas as floats or [B] tensors)."""
     b = x.shape[0]
     table = torch.cat([_per_row(sigma, b, x.device), _per_row(sigma_next, b, x.device)])
     return ode_step_indexed(x, v, table, torch.arange(b, device=x.device), backend=backend, next_off=b)

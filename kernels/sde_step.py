@@ -636,7 +636,7 @@ def sde_step(
     return_mean: bool = True,
     backend: str = "triton",
 ) -> SDEStepResult:
-    """Same arguments as `engine.sampling.steps.sde_step_ref` (per-row sigmas as floats or [B] tensors).
+    """Same arguments as `engine.ops.sde_step_ref` (per-row sigmas as floats or [B] tensors).
 
     Builds the table [sigma (B), sigma_next (B), sigma_1] and steps arange(B). Without noise and prev_sample the
     noise is Philox keyed by a seed drawn from `generator` (or torch's default generator of x's device): the
