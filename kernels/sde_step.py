@@ -336,22 +336,9 @@ def _native_partials(q: int, b: int, elem: int, device: torch.device) -> int:
 
 
 def _sde_step_fwd(
-    backend: str,
-    x: torch.Tensor,
-    v: torch.Tensor,
-    vc: torch.Tensor | None,
-    aux: torch.Tensor | None,
-    table: torch.Tensor,
-    step: torch.Tensor,
-    seed: torch.Tensor,
-    offset: torch.Tensor,
-    next_off: int,
-    sig1_idx: int,
-    noise_level: float,
-    guidance: float,
-    noise_mode: int,
-    return_mean: bool,
-    out: torch.Tensor | None,
+    backend: str, x: torch.Tensor, v: torch.Tensor, vc: torch.Tensor | None, aux: torch.Tensor | None,
+    table: torch.Tensor, step: torch.Tensor, seed: torch.Tensor, offset: torch.Tensor, next_off: int, sig1_idx: int,
+    noise_level: float, guidance: float, noise_mode: int, return_mean: bool, out: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     b = x.shape[0]
     n = x.numel() // b
@@ -399,24 +386,10 @@ def _(backend, x, v, vc, aux, table, step, seed, offset, next_off, sig1_idx, noi
 
 
 def _sde_step_bwd(
-    x: torch.Tensor,
-    v: torch.Tensor,
-    vc: torch.Tensor | None,
-    aux: torch.Tensor | None,
-    table: torch.Tensor,
-    step: torch.Tensor,
-    seed: torch.Tensor,
-    offset: torch.Tensor,
-    next_off: int,
-    sig1_idx: int,
-    noise_level: float,
-    guidance: float,
-    noise_mode: int,
-    g_sample: torch.Tensor | None,
-    g_mean: torch.Tensor | None,
-    g_logp: torch.Tensor | None,
-    need_gx: bool,
-    need_gv: bool,
+    x: torch.Tensor, v: torch.Tensor, vc: torch.Tensor | None, aux: torch.Tensor | None, table: torch.Tensor,
+    step: torch.Tensor, seed: torch.Tensor, offset: torch.Tensor, next_off: int, sig1_idx: int, noise_level: float,
+    guidance: float, noise_mode: int, g_sample: torch.Tensor | None, g_mean: torch.Tensor | None,
+    g_logp: torch.Tensor | None, need_gx: bool, need_gv: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     b = x.shape[0]
     n = x.numel() // b
