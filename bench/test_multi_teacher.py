@@ -37,7 +37,6 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from engine.adapters.lora import AdapterSwitch, LoraSpec, freeze_for_training, lora_layers, random_adapter
-from engine.adapters.multi_lora import OP
 from engine.backends.sd3.backend import predict_velocity
 from engine.backends.sd3.cond import SD3Cond
 from engine.backends.sd3.presets import PRESETS
@@ -202,9 +201,9 @@ def test_multi_teacher(benchmark, world: World, k: int, provider: str, monkeypat
             pytest.skip("Triton needs a GPU or TRITON_INTERPRET=1")
         if not CUDA and k > 2:  # the same code path at every K; interpreted, K = 8 costs ~20 s per forward
             pytest.skip("Triton interpreter: smoke test at K <= 2 only")
-        monkeypatch.setenv(f"FLOWOPD_BACKEND_{OP.upper()}", "triton")
+        monkeypatch.setenv("FLOWOPD_BACKEND_LORA_SEGMENTED", "triton")
     if provider == "batched-torch":
-        monkeypatch.setenv(f"FLOWOPD_BACKEND_{OP.upper()}", "torch")
+        monkeypatch.setenv("FLOWOPD_BACKEND_LORA_SEGMENTED", "torch")
     fn = _provider(world, k, provider)
     times: list[float] = []
 

@@ -31,8 +31,8 @@ from collections.abc import Callable
 import pytest
 import torch
 
+from engine.ops import cfg_combine_ref, sde_step_ref
 from engine.sampling.schedule import flow_match_sigmas
-from engine.sampling.steps import cfg_combine_ref, sde_step_ref
 
 CUDA = torch.cuda.is_available()
 SHAPES = [(16, 16, 64, 64), (16, 16, 128, 128)] if CUDA else [(2, 16, 16, 16)]

@@ -28,33 +28,21 @@ Triton cannot run; `lora_segmented_ref` the per-segment float64 reference the te
 
 from __future__ import annotations
 
-import os
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from kernels.buffers import empty
+from kernels.runtime import interpreting, triton_importable, triton_runs_here, triton_runs_on
 
-try:
+HAS_TRITON = triton_importable()  # kept for importers of this name; kernels/runtime.py holds the rule
+if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    HAS_TRITON = True
-except ImportError:  # pragma: no cover - triton ships with torch's CUDA wheels and is in requirements.txt
-    HAS_TRITON = False
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def triton_available() -> bool:
-    """Whether the Triton kernels can run here at all (a GPU, or the CPU interpreter when it is enabled)."""
-    return HAS_TRITON and (_interpreting() or torch.cuda.is_available())
-
-
-def _runs_on(x: torch.Tensor) -> bool:
-    return triton_available() and (x.is_cuda or (_interpreting() and x.device.type == "cpu"))
+# Whether the Triton kernels can run here at all (a GPU, or the CPU interpreter): the name the tests import.
+triton_available = triton_runs_here
 
 
 # --------------------------------------------------------------------------------------------- references
@@ -331,7 +319,7 @@ _BLOCK_N = 64
 
 def _kernel_flags(dtype: torch.dtype) -> dict:
     # tf32 would cost ~1e-3 relative error on fp32 inputs; ieee keeps fp32 runs comparable to torch.
-    return dict(UPCAST=_interpreting(), DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32")
+    return dict(UPCAST=interpreting(), DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32")
 
 
 def _block_r(r: int) -> int:
@@ -406,6 +394,92 @@ def _wgrad(
     return part.sum(0)
 
 
+# Custom ops, so that torch.compile sees the forward and the backward each as one opaque node (fake impls give
+# the output shapes). Absent gradients come back as 0-element tensors (a custom op cannot return None). Eager
+# calls run the functions directly (the op layer's dispatch costs ~94 us per call, see kernels/sde_step.py).
+
+
+def _lora_segmented_fwd(
+    x3: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scales: torch.Tensor,
+    seg_indptr: torch.Tensor,
+    seg_adapter: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y3 [B, T, N], h [B*T, R]): the base GEMM, then shrink and expand accumulated into it."""
+    b, t, k = x3.shape
+    n, r, _ = lora_a.shape
+    y3 = F.linear(x3, weight, bias)
+    h = empty((b * t, r), x3.dtype, x3.device)  # rows without adapter stay unwritten (and unread)
+    _shrink(x3, lora_a, tuple(lora_a.stride()), seg_indptr, seg_adapter, h)
+    _expand(h, lora_b, tuple(lora_b.stride()), scales, seg_indptr, seg_adapter, y3)
+    return y3, h
+
+
+_lora_segmented_fwd_op = torch.library.custom_op("flowopd::lora_segmented_fwd", _lora_segmented_fwd, mutates_args=())
+
+
+@_lora_segmented_fwd_op.register_fake
+def _(x3, weight, bias, lora_a, lora_b, scales, seg_indptr, seg_adapter):
+    b, t, _ = x3.shape
+    return x3.new_empty((b, t, weight.shape[0])), x3.new_empty((b * t, lora_a.shape[1]))
+
+
+def _lora_segmented_bwd(
+    x3: torch.Tensor,
+    weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scales: torch.Tensor,
+    seg_indptr: torch.Tensor,
+    seg_adapter: torch.Tensor,
+    h: torch.Tensor,
+    gy: torch.Tensor,
+    trainable: int,
+    need_x: bool,
+    need_a: bool,
+    need_b: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx3 [B, T, K], dA, dB); `trainable` -1 = every slot (see LoraSegmentedFunction)."""
+    g3 = _as_rows(gy.to(x3.dtype))
+    n, r, _ = lora_a.shape
+    u = None
+    if need_x or need_a:
+        u = empty((h.shape[0], r), h.dtype, h.device)
+        bt = (lora_b.stride(0), lora_b.stride(2), lora_b.stride(1))  # B_i^T as an [R, N] "A"
+        _shrink(g3, lora_b, bt, seg_indptr, seg_adapter, u)
+    dx3 = x3.new_empty(0)
+    if need_x:
+        dx3 = torch.matmul(g3, weight)
+        at = (lora_a.stride(0), lora_a.stride(2), lora_a.stride(1))  # A_i^T as a [K, R] "B"
+        _expand(u, lora_a, at, scales, seg_indptr, seg_adapter, dx3)
+    slots = range(n) if trainable < 0 else (trainable,)
+    da = db = None
+    if need_a:
+        da = torch.zeros_like(lora_a)
+        for i in slots:
+            da[i] = (_wgrad(u, x3, seg_indptr, seg_adapter, i) * scales[i]).to(da.dtype)
+    if need_b:
+        db = torch.zeros_like(lora_b)
+        for i in slots:
+            db[i] = (_wgrad(h, g3, seg_indptr, seg_adapter, i) * scales[i]).T.to(db.dtype)
+    return dx3, lora_a.new_empty(0) if da is None else da, lora_b.new_empty(0) if db is None else db
+
+
+_lora_segmented_bwd_op = torch.library.custom_op("flowopd::lora_segmented_bwd", _lora_segmented_bwd, mutates_args=())
+
+
+@_lora_segmented_bwd_op.register_fake
+def _(x3, weight, lora_a, lora_b, scales, seg_indptr, seg_adapter, h, gy, trainable, need_x, need_a, need_b):
+    dx3 = x3.new_empty((*x3.shape[:2], weight.shape[1])) if need_x else x3.new_empty(0)
+    da = lora_a.new_empty(lora_a.shape) if need_a else lora_a.new_empty(0)
+    db = lora_b.new_empty(lora_b.shape) if need_b else lora_b.new_empty(0)
+    return dx3, da, db
+
+
 # ----------------------------------------------------------------------------------------------- autograd
 
 
@@ -437,46 +511,26 @@ class LoraSegmentedFunction(torch.autograd.Function):
         seg_adapter: torch.Tensor,
         trainable: int | None,
     ) -> torch.Tensor:
+        """The segmented forward (one base GEMM + each segment's LoRA); keeps the shrink output for backward."""
         x3 = _as_rows(x)
-        b, t, k = x3.shape
-        n, r, _ = lora_a.shape
-        y3 = F.linear(x3, weight, bias)
-        h = empty((b * t, r), x.dtype, x.device)  # rows without adapter stay unwritten (and unread)
-        _shrink(x3, lora_a, tuple(lora_a.stride()), seg_indptr, seg_adapter, h)
-        _expand(h, lora_b, tuple(lora_b.stride()), scales, seg_indptr, seg_adapter, y3)
+        fwd = _lora_segmented_fwd_op if torch.compiler.is_compiling() else _lora_segmented_fwd
+        y3, h = fwd(x3, weight, bias, lora_a, lora_b, scales, seg_indptr, seg_adapter)
         ctx.save_for_backward(x3, weight, lora_a, lora_b, scales, seg_indptr, seg_adapter, h)
         ctx.trainable = trainable
         ctx.x_shape = x.shape
         return y3.reshape(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
-    def backward(ctx, gy: torch.Tensor):
+    def backward(ctx: Any, gy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        """dx, and dA / dB of the trainable slot (all slots when trainable is None); the base gets none."""
         x3, weight, lora_a, lora_b, scales, seg_indptr, seg_adapter, h = ctx.saved_tensors
         need_x, need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
-        g3 = _as_rows(gy.to(x3.dtype))
-        n, r, _ = lora_a.shape
-        u = None
-        if need_x or need_a:
-            u = empty((h.shape[0], r), h.dtype, h.device)
-            bt = (lora_b.stride(0), lora_b.stride(2), lora_b.stride(1))  # B_i^T as an [R, N] "A"
-            _shrink(g3, lora_b, bt, seg_indptr, seg_adapter, u)
-        dx = None
-        if need_x:
-            dx3 = torch.matmul(g3, weight)
-            at = (lora_a.stride(0), lora_a.stride(2), lora_a.stride(1))  # A_i^T as a [K, R] "B"
-            _expand(u, lora_a, at, scales, seg_indptr, seg_adapter, dx3)
-            dx = dx3.reshape(ctx.x_shape)
-        slots = range(n) if ctx.trainable is None else (ctx.trainable,)
-        da = db = None
-        if need_a:
-            da = torch.zeros_like(lora_a)
-            for i in slots:
-                da[i] = (_wgrad(u, x3, seg_indptr, seg_adapter, i) * scales[i]).to(da.dtype)
-        if need_b:
-            db = torch.zeros_like(lora_b)
-            for i in slots:
-                db[i] = (_wgrad(h, g3, seg_indptr, seg_adapter, i) * scales[i]).T.to(db.dtype)
-        return dx, None, None, da, db, None, None, None, None
+        trainable = -1 if ctx.trainable is None else int(ctx.trainable)
+        bwd = _lora_segmented_bwd_op if torch.compiler.is_compiling() else _lora_segmented_bwd
+        dx3, da, db = bwd(x3, weight, lora_a, lora_b, scales, seg_indptr, seg_adapter, h, gy, trainable, need_x, need_a,
+                          need_b)
+        dx = dx3.reshape(ctx.x_shape) if need_x else None
+        return dx, None, None, da if need_a else None, db if need_b else None, None, None, None, None
 
 
 def lora_segmented(
@@ -506,7 +560,7 @@ def lora_segmented(
                          f"{seg_indptr.numel()} boundaries")  # fmt: skip
     if torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad)):
         raise ValueError("lora_segmented computes no base-weight gradients: freeze weight and bias")
-    if not _runs_on(x):
+    if not triton_runs_on(x):
         return lora_segmented_torch(x, weight, bias, lora_a, lora_b, scales, seg_indptr, seg_adapter, trainable)
     dtype = x.dtype
     return LoraSegmentedFunction.apply(

@@ -11,12 +11,14 @@ The `cuda` backend runs the ODE step from csrc/ (torch.ops.flowopd.ode_step_fwd)
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
-from kernels.philox import HAS_TRITON
-from kernels.sde_step import _check_out, _empty, _per_row, sigma_terms_ref
+from kernels.runtime import triton_importable
+from kernels.sde_step import _check_out, _empty, _nd, _per_row, sigma_terms_ref
 
-if HAS_TRITON:
+if triton_importable():
     import triton
     import triton.language as tl
 
@@ -47,12 +49,13 @@ def ode_step_indexed_ref(
 
 
 def cfg_combine_ref(v_uncond: torch.Tensor, v_cond: torch.Tensor, scale: float) -> torch.Tensor:
+    """v_u + g (v_c - v_u) in PyTorch."""
     return v_uncond + scale * (v_cond - v_uncond)
 
 
 # --------------------------------------------------------------------------------------------- Triton kernels
 
-if HAS_TRITON:
+if triton_importable():
 
     @triton.jit
     def _ode_step_kernel(
@@ -96,7 +99,22 @@ if HAS_TRITON:
 # --------------------------------------------------------------------------------------------- launchers
 
 
-def _launch_ode(backend: str, x, v, vc, table, step, next_off: int, guidance: float, out):
+# Custom ops, as in kernels/sde_step.py (not `flowopd::ode_step_fwd`: the C++ op the `cuda` backend calls inside).
+# With `out` given the result is written there and a 0-element tensor comes back (no alias of an input). Eager
+# calls run the functions directly (the op layer's dispatch costs ~94 us per call, see kernels/sde_step.py).
+
+
+def _ode_step_fwd(
+    backend: str,
+    x: torch.Tensor,
+    v: torch.Tensor,
+    vc: torch.Tensor | None,
+    table: torch.Tensor,
+    step: torch.Tensor,
+    next_off: int,
+    guidance: float,
+    out: torch.Tensor | None,
+) -> torch.Tensor:
     b = x.shape[0]
     n = x.numel() // b
     x2, v2 = x.reshape(b, n).contiguous(), v.reshape(b, n).contiguous()
@@ -108,20 +126,53 @@ def _launch_ode(backend: str, x, v, vc, table, step, next_off: int, guidance: fl
         _ode_step_kernel[(triton.cdiv(n, _BLOCK), b)](
             x2, v2, vc2 if vc2 is not None else v2, res, table, step, n, int(step.numel() != 1), next_off,
             float(guidance), BLOCK=_BLOCK, CFG=vc is not None, num_warps=8)
-    return res.view(x.shape)
+    return x.new_empty(0) if out is not None else res.view(x.shape)
+
+
+_ode_step_fwd_op = torch.library.custom_op("flowopd::ode_step_kernel_fwd", _ode_step_fwd, mutates_args=("out",))
+
+
+@_ode_step_fwd_op.register_fake
+def _(backend, x, v, vc, table, step, next_off, guidance, out):
+    return x.new_empty(0) if out is not None else x.new_empty(x.shape)
+
+
+def _cfg_combine_fwd(v_uncond: torch.Tensor, v_cond: torch.Tensor, scale: float) -> torch.Tensor:
+    vu, vc = v_uncond.contiguous(), v_cond.contiguous()
+    out = _empty(vu.shape, torch.promote_types(vu.dtype, vc.dtype), vu.device)
+    m = vu.numel()
+    _cfg_combine_kernel[(triton.cdiv(m, _BLOCK),)](vu, vc, out, m, float(scale), BLOCK=_BLOCK, num_warps=8)
+    return out
+
+
+_cfg_combine_fwd_op = torch.library.custom_op("flowopd::cfg_combine_kernel_fwd", _cfg_combine_fwd, mutates_args=())
+
+
+@_cfg_combine_fwd_op.register_fake
+def _(v_uncond, v_cond, scale):
+    return v_uncond.new_empty(v_uncond.shape, dtype=torch.promote_types(v_uncond.dtype, v_cond.dtype))
+
+
+def _launch_ode(backend: str, x, v, vc, table, step, next_off: int, guidance: float, out):
+    fwd = _ode_step_fwd_op if torch.compiler.is_compiling() else _ode_step_fwd
+    res = fwd(backend, _nd(x), _nd(v), _nd(vc), _nd(table), step, next_off, float(guidance), out)
+    return out.view(x.shape) if out is not None else res
 
 
 class ODEStepFunction(torch.autograd.Function):
     """x' = x + dt v with v = v_u + g (v_c - v_u):  gx = gout,  gv = dt gout,  gv_u = (1 - g) gv,  gv_c = g gv."""
 
     @staticmethod
-    def forward(ctx, backend: str, table, step, next_off: int, guidance: float, x, v, vc):
+    def forward(ctx: Any, backend: str, table: torch.Tensor, step: torch.Tensor, next_off: int, guidance: float,
+                x: torch.Tensor, v: torch.Tensor, vc: torch.Tensor | None) -> torch.Tensor:
+        """x' = x + dt v (v = v_u + g (v_c - v_u) when vc is given), one launch."""
         ctx.table, ctx.step, ctx.next_off, ctx.guidance, ctx.cfg = table, step, next_off, guidance, vc is not None
         ctx.dtypes = (x.dtype, v.dtype, None if vc is None else vc.dtype)
         return _launch_ode(backend, x, v, vc, table, step, next_off, guidance, None)
 
     @staticmethod
-    def backward(ctx, gout):
+    def backward(ctx: Any, gout: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        """dx = gout; dv = dt gout (split into the CFG pair when guided)."""
         b = gout.shape[0]
         _, dt, _ = sigma_terms_ref(ctx.table, ctx.step, b, 0.0, ctx.next_off, 0)
         gv = dt.reshape((b,) + (1,) * (gout.ndim - 1)) * gout.float()
@@ -136,16 +187,15 @@ class CFGCombineFunction(torch.autograd.Function):
     """out = v_u + g (v_c - v_u):  gv_u = (1 - g) gout,  gv_c = g gout."""
 
     @staticmethod
-    def forward(ctx, v_uncond, v_cond, scale: float):
+    def forward(ctx: Any, v_uncond: torch.Tensor, v_cond: torch.Tensor, scale: float) -> torch.Tensor:
+        """v_u + g (v_c - v_u), one launch."""
         ctx.scale, ctx.dtypes = scale, (v_uncond.dtype, v_cond.dtype)
-        vu, vc = v_uncond.contiguous(), v_cond.contiguous()
-        out = _empty(vu.shape, torch.promote_types(vu.dtype, vc.dtype), vu.device)
-        m = vu.numel()
-        _cfg_combine_kernel[(triton.cdiv(m, _BLOCK),)](vu, vc, out, m, float(scale), BLOCK=_BLOCK, num_warps=8)
-        return out
+        fwd = _cfg_combine_fwd_op if torch.compiler.is_compiling() else _cfg_combine_fwd
+        return fwd(v_uncond, v_cond, float(scale))
 
     @staticmethod
-    def backward(ctx, gout):
+    def backward(ctx: Any, gout: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        """d v_u = (1 - g) gout, d v_c = g gout."""
         g = gout.float()
         return (((1 - ctx.scale) * g).to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None,
                 (ctx.scale * g).to(ctx.dtypes[1]) if ctx.needs_input_grad[1] else None, None)
@@ -193,7 +243,7 @@ def ode_step(
     x: torch.Tensor, v: torch.Tensor, sigma: float | torch.Tensor, sigma_next: float | torch.Tensor,
     *, backend: str = "triton",
 ) -> torch.Tensor:
-    """Same arguments as `engine.sampling.steps.ode_step_ref` (per-row sigmas as floats or [B] tensors)."""
+    """Same arguments as `engine.ops.ode_step_ref` (per-row sigmas as floats or [B] tensors)."""
     b = x.shape[0]
     table = torch.cat([_per_row(sigma, b, x.device), _per_row(sigma_next, b, x.device)])
     return ode_step_indexed(x, v, table, torch.arange(b, device=x.device), backend=backend, next_off=b)

@@ -19,33 +19,22 @@ public `joint_qk_rmsnorm`.
 
 from __future__ import annotations
 
-import importlib.util
-import os
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
 from kernels.buffers import empty
+from kernels.runtime import interpreting, triton_importable, triton_runs_here, triton_runs_on
 
-_HAS_TRITON = importlib.util.find_spec("triton") is not None
-if _HAS_TRITON:
+if triton_importable():
     import triton
     import triton.language as tl
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def triton_usable(device: torch.device | None = None) -> bool:
-    """Can the Triton kernel run on tensors of `device` (None: on this machine at all)?"""
-    if not _HAS_TRITON:
-        return False
-    if _interpreting():
-        return device is None or device.type == "cpu"
-    if device is not None:
-        return device.type == "cuda"
-    return torch.cuda.is_available()
+    """Can the Triton kernel run on tensors of `device` (None: on this machine at all)? (kernels/runtime.py)"""
+    return triton_runs_here() if device is None else triton_runs_on(device)
 
 
 # ------------------------------------------------------------------------------------------------ reference
@@ -86,7 +75,7 @@ def joint_qk_rmsnorm_ref(
 
 # ------------------------------------------------------------------------------------------------ kernels
 
-if _HAS_TRITON:
+if triton_importable():
 
     @triton.jit
     def _round(x, dtype: tl.constexpr, RNE_BF16: tl.constexpr):
@@ -239,7 +228,7 @@ if _HAS_TRITON:
 def _block_m(m: int) -> int:
     # The interpreter costs ~1.5-2 ms per program instance whatever its size, so use few big programs there;
     # on a GPU 32 rows x 64 dims x 3 parts keeps ~6k programs in flight at 16 x 1024 tokens x 24 heads.
-    if _interpreting():
+    if interpreting():
         return min(256, triton.next_power_of_2(max(m, 1)))
     return 32
 
@@ -261,7 +250,7 @@ def _rows(y: torch.Tensor) -> torch.Tensor:
 
 
 def _rne_bf16(y: torch.Tensor) -> bool:
-    return _interpreting() and y.dtype == torch.bfloat16
+    return interpreting() and y.dtype == torch.bfloat16
 
 
 def _dummy(ref: torch.Tensor) -> torch.Tensor:
@@ -348,7 +337,9 @@ def qk_rmsnorm_bwd_triton(
     return dys, dwqs, dwks
 
 
-# Custom ops so that torch.compile treats the launches as opaque nodes with known output shapes.
+# Custom ops so that torch.compile treats the launches as opaque nodes with known output shapes. Eager calls run
+# the launchers directly (the op layer's dispatch costs ~94 us per call, see kernels/sde_step.py; two calls per
+# attention layer and forward).
 @torch.library.custom_op("flowopd::qk_rmsnorm_fwd", mutates_args=())
 def _qk_rmsnorm_fwd_op(
     ys: list[torch.Tensor],
@@ -454,6 +445,7 @@ def qk_rmsnorm_bwd_torch(
     dv: torch.Tensor,
     want_dw: list[bool],
 ) -> tuple[list[torch.Tensor], list[torch.Tensor | None], list[torch.Tensor | None]]:
+    """The PyTorch twin of the backward kernel: gradients into the projections and the norm weights."""
     b, _, d = _joint_shape(ys, heads)
     dys, dwqs, dwks = [], [], []
     off = 0
@@ -490,11 +482,13 @@ class JointQKRMSNormFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, meta: tuple, *tensors: torch.Tensor):
+    def forward(ctx: Any, meta: tuple, *tensors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v in the joint [B, S, H, D] layout, q and k RMS-normalised per head."""
         n, norm_q, norm_k, heads, eps, use_triton = meta
         ys, wqs, wks = list(tensors[:n]), list(tensors[n : 2 * n]), list(tensors[2 * n :])
         if use_triton:
-            q, k, v = _qk_rmsnorm_fwd_op(ys, wqs, wks, norm_q, norm_k, heads, eps)
+            fwd = _qk_rmsnorm_fwd_op if torch.compiler.is_compiling() else qk_rmsnorm_fwd_triton
+            q, k, v = fwd(ys, wqs, wks, norm_q, norm_k, heads, eps)
         else:
             q, k, v = qk_rmsnorm_fwd_torch(ys, wqs, wks, norm_q, norm_k, heads, eps)
         ctx.meta = meta
@@ -502,7 +496,8 @@ class JointQKRMSNormFunction(torch.autograd.Function):
         return q, k, v
 
     @staticmethod
-    def backward(ctx, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor):
+    def backward(ctx: Any, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        """Gradients into the projections and the norm weights."""
         n, norm_q, norm_k, heads, eps, use_triton = ctx.meta
         saved = ctx.saved_tensors
         ys, wqs, wks = list(saved[:n]), list(saved[n : 2 * n]), list(saved[2 * n :])
@@ -510,7 +505,9 @@ class JointQKRMSNormFunction(torch.autograd.Function):
         for i in range(n):
             want_dw[2 * i] = bool(ctx.needs_input_grad[1 + n + i])
             want_dw[2 * i + 1] = bool(ctx.needs_input_grad[1 + 2 * n + i])
-        if use_triton:
+        if use_triton and not torch.compiler.is_compiling():
+            dys, dwqs, dwks = qk_rmsnorm_bwd_triton(ys, wqs, wks, norm_q, norm_k, heads, eps, dq, dk, dv, want_dw)
+        elif use_triton:
             flat = _qk_rmsnorm_bwd_op(ys, wqs, wks, norm_q, norm_k, heads, eps, dq, dk, dv, want_dw)
             dys = flat[:n]
             dwqs = [flat[n + 2 * i] if flat[n + 2 * i].numel() else None for i in range(n)]

@@ -24,15 +24,16 @@ backward (see `SDEStepFunction`).
 from __future__ import annotations
 
 import math
-import os
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
 from kernels.buffers import empty
-from kernels.philox import HAS_TRITON, noise_groups, philox_normal_ref
+from kernels.philox import noise_groups, philox_normal_ref
+from kernels.runtime import triton_importable
+from kernels.runtime import triton_runs_on as triton_runs_on  # re-exported: the one rule lives in runtime.py
 
-if HAS_TRITON:
+if triton_importable():
     import triton
     import triton.language as tl
 
@@ -46,6 +47,8 @@ _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
 
 class SDEStepResult(NamedTuple):
+    """What a fused SDE step returns."""
+
     sample: torch.Tensor
     """x' in x's dtype (prev_sample itself, detached, when it was given in x's dtype)."""
     mean: torch.Tensor | None
@@ -54,15 +57,6 @@ class SDEStepResult(NamedTuple):
     """log p(x'|x) float32 [B]."""
     std: torch.Tensor
     """s float32 [B] (the noise std of the step is s sqrt(-dt))."""
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def triton_runs_on(t: torch.Tensor) -> bool:
-    """Whether the Triton kernels can run on tensors of t's device here (a GPU, or the CPU interpreter)."""
-    return HAS_TRITON and (t.is_cuda or (t.device.type == "cpu" and _interpreting()))
 
 
 _empty = empty  # output buffers: NaN-poisoned under FLOWOPD_POISON=1 (kernels/buffers.py)
@@ -139,7 +133,7 @@ def _cfg_ref(v_u: torch.Tensor | None, v_c: torch.Tensor | None, g: float, dtype
 
 # --------------------------------------------------------------------------------------------- Triton kernels
 
-if HAS_TRITON:
+if triton_importable():
 
     @triton.jit
     def _sigma_terms(sig_ptr, step_ptr, row, step_stride, next_off, sig1_idx, noise_level):
@@ -333,63 +327,133 @@ def _native_partials(q: int, b: int, elem: int, device: torch.device) -> int:
     return max(1, min((q + per_block - 1) // per_block, (4 * sms) // b))
 
 
-def _launch_fwd(backend: str, x, v, vc, aux, a: _Args, return_mean: bool, out: torch.Tensor | None):
+# The launches are torch custom ops, so torch.compile sees each as one opaque node with known output shapes (the
+# fake impls). Not `flowopd::sde_step_fwd`: that is the C++ op of csrc/, which the `cuda` backend calls from
+# inside this one. A custom op may return neither None nor an alias of an input, so absent outputs (no mu; x' =
+# prev_sample, or x' written into `out`) come back as 0-element tensors that `_launch_fwd` replaces. (No argument
+# may be called `mode`: torch.compile's functionalization of the mutating op passes a `mode` of its own.)
+# Eager calls skip the op layer (`_launch_fwd`): its dispatch costs 94 us per call (measured, 2-core CPU machine,
+# torch 2.13; an estimated ~10 us of HBM traffic is the whole bf16 step at 16x16x128x128 on an H100), and its
+# first call imports torch._dynamo (2.2 s). Same function either way, so the results are the same bits.
+
+
+def _sde_step_fwd(
+    backend: str, x: torch.Tensor, v: torch.Tensor, vc: torch.Tensor | None, aux: torch.Tensor | None,
+    table: torch.Tensor, step: torch.Tensor, seed: torch.Tensor, offset: torch.Tensor, next_off: int, sig1_idx: int,
+    noise_level: float, guidance: float, noise_mode: int, return_mean: bool, out: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     b = x.shape[0]
     n = x.numel() // b
     q = noise_groups(n)
     x2, v2, vc2, aux2 = _flat(x, b), _flat(v, b), _flat(vc, b), _flat(aux, b)
     sample = None
-    if a.mode != NOISE_PREV:
+    if noise_mode != NOISE_PREV:
         sample = out.reshape(b, n) if out is not None else _empty((b, n), x.dtype, x.device)
     mean = _empty((b, n), x.dtype, x.device) if return_mean else None
     logp = _empty((b,), torch.float32, x.device)
     std = _empty((b,), torch.float32, x.device)
-    step_stride, seed_stride = int(a.step.numel() != 1), int(a.seed.numel() != 1)
+    step_stride, seed_stride = int(step.numel() != 1), int(seed.numel() != 1)
     if backend == "cuda":
         p = _native_partials(q, b, x.element_size(), x.device)
         part = _empty((b, p), torch.float32, x.device)
         torch.ops.flowopd.sde_step_fwd(
-            x2, v2, vc2, aux2, a.mode, a.table, a.step, a.next_off, a.sig1_idx, a.seed, a.offset,
-            float(a.noise_level), float(a.guidance), sample, mean, part, logp, std)
+            x2, v2, vc2, aux2, noise_mode, table, step, next_off, sig1_idx, seed, offset,
+            float(noise_level), float(guidance), sample, mean, part, logp, std)
     else:
         p = triton.cdiv(q, _BLOCK_G)
         part = _empty((b, p), torch.float32, x.device)
         _sde_step_fwd_kernel[(p, b)](
             x2, v2, vc2 if vc2 is not None else v2, aux2 if aux2 is not None else x2,
             sample if sample is not None else x2, mean if mean is not None else x2, part,
-            a.table, a.step, a.seed, a.offset, n, q, p, step_stride, seed_stride, a.next_off, a.sig1_idx,
-            float(a.noise_level), float(a.guidance),
-            BLOCK_G=_BLOCK_G, NOISE=a.mode, CFG=a.cfg, WRITE_MEAN=return_mean, num_warps=4)
+            table, step, seed, offset, n, q, p, step_stride, seed_stride, next_off, sig1_idx,
+            float(noise_level), float(guidance),
+            BLOCK_G=_BLOCK_G, NOISE=noise_mode, CFG=vc is not None, WRITE_MEAN=return_mean, num_warps=4)
         _sde_logprob_kernel[(b,)](
-            part, logp, std, a.table, a.step, n, p, step_stride, a.next_off, a.sig1_idx, float(a.noise_level),
+            part, logp, std, table, step, n, p, step_stride, next_off, sig1_idx, float(noise_level),
             BLOCK_P=_BLOCK_P, num_warps=4)
-    if sample is None:
-        sample = aux.detach() if aux.dtype == x.dtype else aux.detach().to(x.dtype)
-    return sample.view(x.shape), None if mean is None else mean.view(x.shape), logp, std
+    sample = x.new_empty(0) if sample is None or out is not None else sample.view(x.shape)
+    return sample, x.new_empty(0) if mean is None else mean.view(x.shape), logp, std
 
 
-def _launch_bwd(x, v, vc, aux, a: _Args, g_sample, g_mean, g_logp, need_gx: bool, need_gv: bool):
+_sde_step_fwd_op = torch.library.custom_op("flowopd::sde_step_kernel_fwd", _sde_step_fwd, mutates_args=("out",))
+
+
+@_sde_step_fwd_op.register_fake
+def _(backend, x, v, vc, aux, table, step, seed, offset, next_off, sig1_idx, noise_level, guidance, noise_mode,
+      return_mean, out):
+    b = x.shape[0]
+    sample = x.new_empty(x.shape) if noise_mode != NOISE_PREV and out is None else x.new_empty(0)
+    mean = x.new_empty(x.shape) if return_mean else x.new_empty(0)
+    return sample, mean, x.new_empty((b,), dtype=torch.float32), x.new_empty((b,), dtype=torch.float32)
+
+
+def _sde_step_bwd(
+    x: torch.Tensor, v: torch.Tensor, vc: torch.Tensor | None, aux: torch.Tensor | None, table: torch.Tensor,
+    step: torch.Tensor, seed: torch.Tensor, offset: torch.Tensor, next_off: int, sig1_idx: int, noise_level: float,
+    guidance: float, noise_mode: int, g_sample: torch.Tensor | None, g_mean: torch.Tensor | None,
+    g_logp: torch.Tensor | None, need_gx: bool, need_gv: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     b = x.shape[0]
     n = x.numel() // b
     q = noise_groups(n)
+    cfg = vc is not None
     x2, v2, vc2, aux2 = _flat(x, b), _flat(v, b), _flat(vc, b), _flat(aux, b)
     gm2, gs2 = _flat(g_mean, b), _flat(g_sample, b)
     glp = g_logp.float().contiguous() if g_logp is not None else torch.zeros(b, device=x.device)
     gx = _empty((b, n), x.dtype, x.device) if need_gx else None
     gv = _empty((b, n), v.dtype, x.device) if need_gv else None
-    gvc = _empty((b, n), vc.dtype, x.device) if need_gv and a.cfg else None
+    gvc = _empty((b, n), vc.dtype, x.device) if need_gv and cfg else None
     dummy = x2
     _sde_step_bwd_kernel[(triton.cdiv(q, _BLOCK_G), b)](
         x2, v2, vc2 if vc2 is not None else dummy, aux2 if aux2 is not None else dummy,
         gm2 if gm2 is not None else dummy, gs2 if gs2 is not None else dummy, glp,
         gx if gx is not None else dummy, gv if gv is not None else dummy, gvc if gvc is not None else dummy,
-        a.table, a.step, a.seed, a.offset, n, q, int(a.step.numel() != 1), int(a.seed.numel() != 1), a.next_off,
-        a.sig1_idx, float(a.noise_level), float(a.guidance),
-        BLOCK_G=_BLOCK_G, NOISE=a.mode, CFG=a.cfg, HAS_GMEAN=gm2 is not None, HAS_GSAMPLE=gs2 is not None,
+        table, step, seed, offset, n, q, int(step.numel() != 1), int(seed.numel() != 1), next_off,
+        sig1_idx, float(noise_level), float(guidance),
+        BLOCK_G=_BLOCK_G, NOISE=noise_mode, CFG=cfg, HAS_GMEAN=gm2 is not None, HAS_GSAMPLE=gs2 is not None,
         NEED_GX=need_gx, NEED_GV=need_gv, num_warps=4)
     shape = x.shape
-    return (None if gx is None else gx.view(shape), None if gv is None else gv.view(shape),
-            None if gvc is None else gvc.view(shape))
+    return tuple(x.new_empty(0) if g is None else g.view(shape) for g in (gx, gv, gvc))
+
+
+_sde_step_bwd_op = torch.library.custom_op("flowopd::sde_step_kernel_bwd", _sde_step_bwd, mutates_args=())
+
+
+@_sde_step_bwd_op.register_fake
+def _(x, v, vc, aux, table, step, seed, offset, next_off, sig1_idx, noise_level, guidance, noise_mode, g_sample, g_mean,
+      g_logp, need_gx, need_gv):
+    gx = x.new_empty(x.shape) if need_gx else x.new_empty(0)
+    gv = v.new_empty(x.shape) if need_gv else x.new_empty(0)
+    gvc = vc.new_empty(x.shape) if need_gv and vc is not None else x.new_empty(0)
+    return gx, gv, gvc
+
+
+def _nd(t: torch.Tensor | None) -> torch.Tensor | None:
+    """t detached: the ops have no autograd formula (SDEStepFunction is it), so their outputs must not ask."""
+    return None if t is None else t.detach()
+
+
+def _launch_fwd(backend: str, x, v, vc, aux, a: _Args, return_mean: bool, out: torch.Tensor | None):
+    """(x', mu or None, log_prob, std) of one forward launch; x' is out (reshaped) when given, prev_sample in
+    x's dtype in re-scoring mode."""
+    fwd = _sde_step_fwd_op if torch.compiler.is_compiling() else _sde_step_fwd
+    sample, mean, logp, std = fwd(
+        backend, _nd(x), _nd(v), _nd(vc), _nd(aux), _nd(a.table), a.step, a.seed, a.offset, a.next_off, a.sig1_idx,
+        float(a.noise_level), float(a.guidance), a.mode, return_mean, out)
+    if a.mode == NOISE_PREV:
+        sample = aux.detach() if aux.dtype == x.dtype else aux.detach().to(x.dtype)
+    elif out is not None:
+        sample = out.view(x.shape)
+    return sample, mean if return_mean else None, logp, std
+
+
+def _launch_bwd(x, v, vc, aux, a: _Args, g_sample, g_mean, g_logp, need_gx: bool, need_gv: bool):
+    """(gx, gv, gvc), None where not needed (gvc also without CFG)."""
+    bwd = _sde_step_bwd_op if torch.compiler.is_compiling() else _sde_step_bwd
+    gx, gv, gvc = bwd(
+        _nd(x), _nd(v), _nd(vc), _nd(aux), _nd(a.table), a.step, a.seed, a.offset, a.next_off, a.sig1_idx,
+        float(a.noise_level), float(a.guidance), a.mode, _nd(g_sample), _nd(g_mean), _nd(g_logp), need_gx, need_gv)
+    return gx if need_gx else None, gv if need_gv else None, gvc if need_gv and a.cfg else None
 
 
 # --------------------------------------------------------------------------------------------- autograd
@@ -411,7 +475,9 @@ class SDEStepFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, backend: str, a: _Args, return_mean: bool, x, v, vc, aux):
+    def forward(ctx: Any, backend: str, a: _Args, return_mean: bool, x: torch.Tensor, v: torch.Tensor,
+                vc: torch.Tensor | None, aux: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        """(x', mu, log_prob, s) of the fused step (see the module docstring)."""
         sample, mean, logp, std = _launch_fwd(backend, x, v, vc, aux, a, return_mean, None)
         ctx.a = a
         ctx.save_for_backward(x, v, vc, aux)
@@ -421,7 +487,9 @@ class SDEStepFunction(torch.autograd.Function):
         return sample, mean, logp, std
 
     @staticmethod
-    def backward(ctx, g_sample, g_mean, g_logp, _g_std):
+    def backward(ctx: Any, g_sample: torch.Tensor | None, g_mean: torch.Tensor | None, g_logp: torch.Tensor | None,
+                 _g_std: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        """Gradients into x, v (or the CFG pair) and a given prev_sample's path, one Triton backward launch."""
         x, v, vc, aux = ctx.saved_tensors
         a: _Args = ctx.a
         need_gx = ctx.needs_input_grad[3]
@@ -547,7 +615,7 @@ def sde_step(
     return_mean: bool = True,
     backend: str = "triton",
 ) -> SDEStepResult:
-    """Same arguments as `engine.sampling.steps.sde_step_ref` (per-row sigmas as floats or [B] tensors).
+    """Same arguments as `engine.ops.sde_step_ref` (per-row sigmas as floats or [B] tensors).
 
     Builds the table [sigma (B), sigma_next (B), sigma_1] and steps arange(B). Without noise and prev_sample the
     noise is Philox keyed by a seed drawn from `generator` (or torch's default generator of x's device): the

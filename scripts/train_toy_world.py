@@ -1,6 +1,6 @@
 """Train the toy world's shipped weights: text encoder + base transformer, then one expert LoRA per task.
 
-    nice -n 10 python scripts/train_toy_world.py                  # writes engine/toy/weights/
+    nice -n 10 python scripts/train_toy_world.py                  # writes engine/worlds/toy/weights/
     nice -n 10 python scripts/train_toy_world.py --out /tmp/w --base-steps 300 --expert-steps 50
 
 1. base: the encoder and the transformer trained jointly by flow matching on the imperfect mixture

@@ -13,7 +13,6 @@ REPO = Path(__file__).resolve().parents[1]
 LAYERS: list[tuple[str, int]] = [
     ("kernels", 0), ("engine", 0), ("engine.ops", 0), ("engine.errors", 0), ("engine.files", 0), ("engine.rng", 0),
     ("engine.profiling", 0),
-    ("engine.dispatch", 0), ("engine.sampling.steps", 0), ("engine.sampling.kernel_backends", 0),  # op-table level
     ("engine.config.schema", 1),
     ("engine.backends", 2), ("engine.backends.base", 2), ("engine.worlds", 2),
     ("engine.config.io", 3),

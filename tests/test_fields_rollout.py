@@ -9,9 +9,9 @@ from engine.adapters.lora import STUDENT, AdapterSwitch
 from engine.backends.sd3.backend import predict_velocity
 from engine.backends.sd3.cond import SD3Cond
 from engine.fields import Field, PeftFieldEvaluator, student_field
+from engine.ops import sde_step_ref
 from engine.sampling.rollout import SampleNoise, rollout
 from engine.sampling.schedule import flow_match_sigmas
-from engine.sampling.steps import sde_step_ref
 from tests.helpers import TINY, randomize_student, tiny_inputs, tiny_model
 
 FIELDS = [Field("e0", "t0", 3.0), Field("e1", "t1", 1.0), Field("anchor", None, 1.0), Field("cfg", None, 4.5)]

@@ -359,14 +359,12 @@ def test_cuda_bf16_each_backend(backend):
 
 
 def test_trainer_installs_fused_attention_through_the_dispatch_op(monkeypatch):
-    """`model.attention = "fused"` goes through dispatch op `joint_attention`, so the documented env override
+    """`model.attention = "fused"` installs the fused processor unless the documented env override
     (FLOWOPD_BACKEND_JOINT_ATTENTION=torch, or FLOWOPD_BACKEND=torch) gives diffusers' processor back."""
-    from engine import dispatch
     from engine.backends import get_backend
     from engine.config import load_config
     from engine.student import build_student
 
-    monkeypatch.setattr(dispatch, "_CHOICE", dict(dispatch._CHOICE))  # the trainer sets the op's choice
     for var in ("FLOWOPD_BACKEND", "FLOWOPD_BACKEND_JOINT_ATTENTION"):
         monkeypatch.delenv(var, raising=False)
     config = load_config(None, ["model.attention='fused'"])

@@ -9,8 +9,8 @@ import torch
 
 from engine.config import OPDConfig
 from engine.opd.losses import Transition, opd_loss, transition_kl
+from engine.ops import sde_step_ref
 from engine.sampling.schedule import flow_match_sigmas
-from engine.sampling.steps import sde_step_ref
 
 
 def make_transition(b: int = 4, shape=(3, 5, 6), idx=None, dtype=torch.float64) -> Transition:

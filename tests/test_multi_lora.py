@@ -17,13 +17,12 @@ from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 
+from engine import ops
 from engine.adapters.lora import STUDENT, AdapterSwitch, LoraSpec, freeze_for_training, lora_layers, random_adapter
 from engine.adapters.multi_lora import (
-    OP,
     MultiLoraLinear,
     SegmentBatch,
     install_multi_lora,
-    segmented_op,
     uninstall_multi_lora,
 )
 from engine.backends.sd3.backend import predict_velocity
@@ -32,9 +31,9 @@ from engine.backends.sd3.presets import PRESETS
 from engine.fields import Field, PeftFieldEvaluator, student_field
 from engine.fields.batched import BatchedFieldEvaluator
 from engine.fields.rows import plan_rows
-from kernels.lora_segmented import lora_segmented, lora_segmented_torch
 
 PRESET = PRESETS["tiny"]
+OP = "lora_segmented"
 V = predict_velocity  # the SD3 family's velocity, what every evaluator calls
 FIELDS = [
     student_field(),
@@ -261,9 +260,12 @@ def test_segment_batch_and_row_plan():
 def test_cpu_auto_backend_is_torch(monkeypatch):
     monkeypatch.delenv(f"FLOWOPD_BACKEND_{OP.upper()}", raising=False)
     monkeypatch.delenv("FLOWOPD_BACKEND", raising=False)
-    assert segmented_op(torch.device("cpu")) is lora_segmented_torch
+    x, w = torch.randn(3, 8), torch.randn(4, 8)
+    segs = (torch.tensor([0, 3], dtype=torch.int32), torch.tensor([0], dtype=torch.int32))
+    args = (x, w, None, torch.zeros(1, 2, 8), torch.zeros(1, 4, 2), torch.ones(1), *segs, None)
+    assert ops.chosen(OP, *args) == "torch"
     monkeypatch.setenv(f"FLOWOPD_BACKEND_{OP.upper()}", "triton")
-    assert segmented_op(torch.device("cpu")) is lora_segmented  # interpreter, on request (conftest sets it)
+    assert ops.chosen(OP, *args) == "triton"  # interpreter, on request (conftest sets it)
 
 
 def test_errors_are_loud():

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine import dispatch
+from engine import ops
 from kernels import qk_rmsnorm as qkn
 
 # (batch, per-stream token counts, heads, head_dim): odd sizes, non-power-of-2 head_dim, one and two streams
@@ -123,15 +123,13 @@ def test_weight_grad_only_when_asked():
 
 def test_triton_gated_off_without_interpreter(monkeypatch):
     """On a CPU without TRITON_INTERPRET=1 the kernel reports unusable and the dispatch falls back."""
-    import engine.backends.sd3.attention  # noqa: F401  (registers the op)
-
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert not qkn.triton_usable(torch.device("cpu"))
     if not torch.cuda.is_available():
         assert not qkn.triton_usable()
         monkeypatch.setenv("FLOWOPD_BACKEND_QK_RMSNORM", "triton")
         ys, q_w, k_w, nq, nk = _inputs(1, (3,), 2, 8, torch.float32, NORMS[0])
-        fn = dispatch.resolve("qk_rmsnorm")
+        fn = ops.resolve("qk_rmsnorm")
         torch.testing.assert_close(
             fn(ys, q_w, k_w, nq, nk, 2, 1e-6)[0], qkn.joint_qk_rmsnorm_ref(ys, q_w, k_w, nq, nk, 2, 1e-6)[0]
         )

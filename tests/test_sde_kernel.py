@@ -15,8 +15,8 @@ import math
 import pytest
 import torch
 
-from engine import dispatch
-from engine.sampling import steps
+from engine import ops
+from engine.ops import registry
 from engine.sampling.schedule import flow_match_sigmas
 from kernels import ode_step as ode_k
 from kernels import sde_step as sde_k
@@ -287,12 +287,12 @@ def test_backward_of_the_loss_path_through_engine(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(sde_k, "_launch_bwd", lambda *a, **k: calls.append(1) or real(*a, **k))
     x = torch.randn(4, 3, 5, 5, device=DEV)
     v = torch.randn_like(x, requires_grad=True)
-    first = steps.sde_step(x, v.detach(), SIG[3], SIG[4], SIG[1], 0.7, generator=torch.Generator().manual_seed(1))
-    again = steps.sde_step(x, v, SIG[3], SIG[4], SIG[1], 0.7, prev_sample=first.sample)
+    first = ops.sde_step(x, v.detach(), SIG[3], SIG[4], SIG[1], 0.7, generator=torch.Generator().manual_seed(1))
+    again = ops.sde_step(x, v, SIG[3], SIG[4], SIG[1], 0.7, prev_sample=first.sample)
     torch.testing.assert_close(again.log_prob, first.log_prob, atol=1e-5, rtol=1e-5)
     (again.log_prob.sum() + again.mean.square().sum()).backward()
     ref_v = v.detach().clone().requires_grad_()
-    r = steps.sde_step_ref(x, ref_v, SIG[3], SIG[4], SIG[1], 0.7, prev_sample=first.sample)
+    r = ops.sde_step_ref(x, ref_v, SIG[3], SIG[4], SIG[1], 0.7, prev_sample=first.sample)
     (r.log_prob.sum() + r.mean.square().sum()).backward()
     assert calls, "the kernel backward did not run"
     torch.testing.assert_close(v.grad, ref_v.grad, atol=1e-5, rtol=1e-5)
@@ -357,23 +357,23 @@ def test_dispatch_uses_kernel_when_asked_and_falls_back(monkeypatch: pytest.Monk
     x = torch.randn(2, 3, 5, 7, device=DEV)
     v, eps = torch.randn_like(x), torch.randn_like(x)
     args = (x, v, SIG[2], SIG[3], SIG[1], 0.7)
-    want = steps.sde_step_ref(*args, noise=eps)
+    want = ops.sde_step_ref(*args, noise=eps)
     if DEV.type == "cpu":  # auto never picks the interpreter
-        steps.sde_step(*args, noise=eps)
+        ops.sde_step(*args, noise=eps)
         assert not calls
     monkeypatch.setenv("FLOWOPD_BACKEND_SDE_STEP", "triton")
-    got = steps.sde_step(*args, noise=eps)
+    got = ops.sde_step(*args, noise=eps)
     assert calls == ["triton"]
     torch.testing.assert_close(got.sample, want.sample, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(got.log_prob, want.log_prob, atol=1e-6, rtol=1e-6)
     # inputs the kernel cannot take go to the reference
-    steps.sde_step(x.double(), v.double(), SIG[2], SIG[3], SIG[1], 0.7, noise=eps.double())
-    steps.sde_step(*args, noise=eps, compute_dtype=torch.float64)
-    steps.sde_step(*args, noise=eps.clone().requires_grad_())
+    ops.sde_step(x.double(), v.double(), SIG[2], SIG[3], SIG[1], 0.7, noise=eps.double())
+    ops.sde_step(*args, noise=eps, compute_dtype=torch.float64)
+    ops.sde_step(*args, noise=eps.clone().requires_grad_())
     assert calls == ["triton"]
     if DEV.type == "cpu":
         monkeypatch.setenv("TRITON_INTERPRET", "0")  # CPU tensors and no interpreter: torch
-        torch.testing.assert_close(steps.sde_step(*args, noise=eps).sample, want.sample)
+        torch.testing.assert_close(ops.sde_step(*args, noise=eps).sample, want.sample)
         assert calls == ["triton"]
 
 
@@ -383,19 +383,19 @@ def test_cuda_backend_requested_without_native_falls_back(monkeypatch, caplog) -
     from kernels.native import native_available
 
     native_available.cache_clear()
-    monkeypatch.setattr(dispatch, "_WARNED", set())  # an earlier test may have logged this pair already
+    monkeypatch.setattr(registry, "_WARNED", set())  # an earlier test may have logged this pair already
     monkeypatch.setenv("FLOWOPD_BACKEND_SDE_STEP", "cuda")
     x, v, eps = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
     with caplog.at_level(logging.INFO):
-        out = steps.sde_step(x, v, 0.5, 0.4, SIG[1], 0.7, noise=eps)
-        steps.sde_step(x, v, 0.5, 0.4, SIG[1], 0.7, noise=eps)
+        out = ops.sde_step(x, v, 0.5, 0.4, SIG[1], 0.7, noise=eps)
+        ops.sde_step(x, v, 0.5, 0.4, SIG[1], 0.7, noise=eps)
         assert not native_available() and not native_available()
-    want = steps.sde_step_ref(x, v, 0.5, 0.4, SIG[1], 0.7, noise=eps)
+    want = ops.sde_step_ref(x, v, 0.5, 0.4, SIG[1], 0.7, noise=eps)
     torch.testing.assert_close(out.sample, want.sample, atol=1e-6, rtol=1e-6)
     lines = [r.getMessage() for r in caplog.records]
     assert sum("backend 'cuda' for sde_step is not available" in m for m in lines) == 1, lines  # the dispatch's
     assert sum("native CUDA ops unavailable" in m for m in lines) == 1, lines  # and the native loader's one line
-    assert "cuda" not in dispatch.available_backends("sde_step")
+    assert "cuda" not in ops.available_backends("sde_step")
 
 
 def test_indexed_entry_point_same_noise_on_every_backend(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -404,13 +404,13 @@ def test_indexed_entry_point_same_noise_on_every_backend(monkeypatch: pytest.Mon
     x, v = torch.randn(3, 4, 6, 10, device=DEV), torch.randn(3, 4, 6, 10, device=DEV)
     step = torch.tensor([0, 3, 8], device=DEV)
     monkeypatch.setenv("FLOWOPD_BACKEND_SDE_STEP_INDEXED", "torch")
-    a = steps.sde_step_indexed(x, v, sig, step, 0.7, seed=99, offset=2)
+    a = ops.sde_step_indexed(x, v, sig, step, 0.7, seed=99, offset=2)
     monkeypatch.setenv("FLOWOPD_BACKEND_SDE_STEP_INDEXED", "triton")
-    b = steps.sde_step_indexed(x, v, sig, step, 0.7, seed=99, offset=2)
+    b = ops.sde_step_indexed(x, v, sig, step, 0.7, seed=99, offset=2)
     torch.testing.assert_close(b.sample, a.sample, atol=4e-6, rtol=1e-5)
     torch.testing.assert_close(b.log_prob, a.log_prob, atol=1e-5, rtol=1e-5)
     monkeypatch.setenv("FLOWOPD_BACKEND_ODE_STEP_INDEXED", "triton")
-    torch.testing.assert_close(steps.ode_step_indexed(x, v, sig, step),
+    torch.testing.assert_close(ops.ode_step_indexed(x, v, sig, step),
                                ode_k.ode_step_indexed_ref(x, v, sig, step), atol=1e-6, rtol=1e-6)
 
 
@@ -505,7 +505,7 @@ def test_cuda_graph_rollout_loop_in_place() -> None:
     def loop(x):
         lps = []
         for t in range(10):
-            lps.append(steps.sde_step_indexed(x, v, sig, steps_t[t], 0.7, seed=seed, offset=t, out=x).log_prob)
+            lps.append(ops.sde_step_indexed(x, v, sig, steps_t[t], 0.7, seed=seed, offset=t, out=x).log_prob)
         return torch.stack(lps)
 
     eager_x = x0.clone()

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
+from engine.ops import cfg_combine, ode_step, sde_noise_std, sde_step, sde_step_ref
 from engine.sampling.schedule import flow_match_sigmas
-from engine.sampling.steps import cfg_combine, ode_step, sde_noise_std, sde_step, sde_step_ref
 
 
 def formulas_f64(x, v, sigma, sigma_next, sigma_1, a, eps):

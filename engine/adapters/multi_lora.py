@@ -17,8 +17,7 @@ with a per-row adapter id. This module is the layer half; the evaluator (`engine
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -26,28 +25,8 @@ import torch
 import torch.nn.functional as F
 from peft.tuners.lora import Linear as LoraLinear
 
-from engine import dispatch
 from engine.adapters.lora import STUDENT, adapter_names, lora_layers
-from kernels.lora_segmented import lora_segmented, lora_segmented_torch, triton_available
-
-log = logging.getLogger(__name__)
-
-OP = "lora_segmented"
-dispatch.register(OP, "torch", lora_segmented_torch)
-dispatch.register(OP, "triton", lora_segmented, triton_available)
-
-
-def segmented_op(device: torch.device) -> Callable[..., torch.Tensor]:
-    """The `lora_segmented` implementation for tensors on `device`.
-
-    `auto` picks Triton only on CUDA: on CPU the Triton interpreter (TRITON_INTERPRET=1) is an emulator, far
-    slower than the batched bmm fallback, and it is only meant for kernel tests (ask for it with
-    `FLOWOPD_BACKEND_LORA_SEGMENTED=triton`).
-    """
-    if dispatch.requested(OP) == "auto" and device.type != "cuda":
-        return lora_segmented_torch
-    return dispatch.resolve(OP)
-
+from engine.ops import lora_segmented
 
 # ----------------------------------------------------------------------------------------- segment batch
 
@@ -277,8 +256,8 @@ class MultiLoraLinear(LoraLinear):
                 b = b.index_copy(0, idx, F.pad(pb.to(b.dtype), (0, pad))[None])
                 trainable = t
         base = self.get_base_layer()
-        fn = segmented_op(x.device)
-        return fn(x, base.weight, base.bias, a, b, stack.scales, batch.seg_indptr, batch.seg_adapter, trainable)
+        return lora_segmented(x, base.weight, base.bias, a, b, stack.scales, batch.seg_indptr, batch.seg_adapter,
+                              trainable)
 
 
 def install_multi_lora(

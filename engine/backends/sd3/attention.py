@@ -23,10 +23,9 @@ falls back to diffusers' processor, logged once per reason, so results are alway
 LoRA parameters may be in another dtype than the base (fp32 LoRA on a bf16 base, as diffusers' training
 scripts keep them); their grads come back in their own dtype.
 
-Engine entry points: `install_attention(model)` (reference or fused, chosen by `engine.dispatch` op
-`joint_attention`: `torch` = diffusers' processor, `triton` = this one, `auto` = this one; env override
+Engine entry points: `install_attention(model)` (this processor, or diffusers' with the env override
 `FLOWOPD_BACKEND_JOINT_ATTENTION=torch`), or directly `install_fused_attention(model, backend="sdpa")` /
-`uninstall_fused_attention(model)`.
+`uninstall_fused_attention(model)`. The QK RMSNorm runs through op `qk_rmsnorm` of engine.ops.
 """
 
 from __future__ import annotations
@@ -42,9 +41,8 @@ from diffusers.models.normalization import RMSNorm
 from peft.tuners.lora import Linear as LoraLinear
 from peft.tuners.tuners_utils import BaseTunerLayer
 
-from engine import dispatch
+from engine import ops
 from engine.backends.sd3.sdpa import ATTENTION_BACKENDS, attention_bshd, warn_once
-from kernels.qk_rmsnorm import joint_qk_rmsnorm, triton_usable
 
 log = logging.getLogger(__name__)
 
@@ -350,18 +348,6 @@ def _plan_call(
     return _CallPlan(terms, all_bases, out_terms, out_bases, flags, weights, eps.pop() if eps else 1e-6)
 
 
-def _qk_norm_torch(*args, **kwargs):
-    return joint_qk_rmsnorm(*args, **kwargs, use_triton=False)
-
-
-def _qk_norm_triton(*args, **kwargs):
-    return joint_qk_rmsnorm(*args, **kwargs, use_triton=None)  # None: the kernel where the device allows
-
-
-dispatch.register("qk_rmsnorm", "torch", _qk_norm_torch)
-dispatch.register("qk_rmsnorm", "triton", _qk_norm_triton, available=triton_usable)
-
-
 class FusedJointAttnProcessor:
     """`JointAttnProcessor2_0` + peft LoRA, fused (see the module docstring); one instance may serve all blocks."""
 
@@ -389,7 +375,7 @@ class FusedJointAttnProcessor:
         inputs = [hidden_states] if encoder_hidden_states is None else [hidden_states, encoder_hidden_states]
         ys = [_project(attn, f"qkv{s}", plan.bases[s], plan.terms[s], x) for s, x in enumerate(inputs)]
         inner = ys[0].shape[-1] // 3
-        q, k, v = dispatch.resolve("qk_rmsnorm")(
+        q, k, v = ops.qk_rmsnorm(
             ys,
             [w[0] for w in plan.norm_weights],
             [w[1] for w in plan.norm_weights],
@@ -449,10 +435,10 @@ def _install_reference(model: torch.nn.Module, backend: str = "sdpa") -> int:
     return uninstall_fused_attention(model)
 
 
-dispatch.register("joint_attention", "torch", _install_reference)
-dispatch.register("joint_attention", "triton", install_fused_attention)
-
-
 def install_attention(model: torch.nn.Module, backend: str = "sdpa") -> int:
-    """Install the attention processor `engine.dispatch` selects for op `joint_attention` (default: fused)."""
-    return dispatch.resolve("joint_attention")(model, backend)
+    """Install the fused processor (`model.attention = "fused"`), or diffusers' reference processor when the
+    environment asks for it: FLOWOPD_BACKEND_JOINT_ATTENTION=torch (or FLOWOPD_BACKEND=torch). The choice is not a
+    kernel op of engine.ops (the fused processor runs on every device), only its documented switch is shared."""
+    if ops.env_request("joint_attention") == "torch":
+        return _install_reference(model, backend)
+    return install_fused_attention(model, backend)

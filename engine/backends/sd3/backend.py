@@ -186,11 +186,9 @@ class SD3Backend:
         loaded (diffusers' JointAttnProcessor2_0 with peft's LoRA layers)."""
         if kind != "fused":
             return
-        from engine import dispatch
         from engine.backends.sd3.attention import install_attention
 
-        dispatch.set_backend("joint_attention", "triton")  # FLOWOPD_BACKEND[_JOINT_ATTENTION]=torch overrides
-        install_attention(model, backend=backend)
+        install_attention(model, backend=backend)  # FLOWOPD_BACKEND[_JOINT_ATTENTION]=torch: diffusers' processor
 
     def forward_flops(self, spec: ModelSpec, lora_rank: int | None, lora_targets: Sequence[str]) -> float:
         """MMDiT forward FLOPs per image (engine/backends/sd3/flops.py), LoRA on the attention projections."""
