@@ -21,7 +21,7 @@ LAYERS: list[tuple[str, int]] = [
     ("engine.data", 6),
     ("engine.fields", 7),
     ("engine.sampling", 8),
-    ("engine.opd", 9),
+    ("engine.opd", 9), ("engine.rl", 9),
     ("engine.checkpoint", 10), ("engine.checkpointer", 10), ("engine.student", 10), ("engine.ds_config", 10),
     ("engine.distributed", 10), ("engine.hooks", 10), ("engine.faults", 10), ("engine.metrics", 10),
     ("engine.trainer", 11),

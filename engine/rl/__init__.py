@@ -1,0 +1,1 @@
+"""Reinforcement learning objectives beside OPD: Flow-GRPO (issue 16)."""
