@@ -16,9 +16,12 @@ Rows. A text-to-image row runs diffusers' basic mode (`x = [latent]`, one captio
 row runs the Omni mode exactly as ZImageOmniPipeline builds it: `x = [source, target]`, `image_noise_mask = [0, 1]`
 (the source is clean: its tokens get the t = 1 adaLN modulation), caption segments [s1, s2, s3], SigLIP features
 `[siglip_source, None]` (or None for the row: DanceOPD's `siglip_feats=[None]`); diffusers returns only the target's
-prediction. Rows of different kinds need different forward modes, so a mixed batch runs one forward per kind (in
-row order inside each); a homogeneous batch (the common case: DanceOPD's hard routing puts one task in a step) is
-one call, the same call the pipeline makes.
+prediction. DanceOPD pins its edit call in tests/test_core.py:240-267 (noise mask [[0, 1]], SigLIP [None],
+t = (1000 - 750) / 1000 = 0.25, output negated); its caption segments come from DiffSynth's `encode_prompt_omni`,
+whose template is ZImageOmniPipeline's (encoders.omni_texts).
+Rows of different kinds need different forward modes, so a mixed batch runs one forward per kind (in row order
+inside each); a homogeneous batch (the common case: DanceOPD's hard routing puts one task in a step) is one call,
+the same call the pipeline makes.
 """
 
 from __future__ import annotations
