@@ -1,0 +1,1 @@
+"""Miniature worlds (DESIGN §4): synthetic data, analytic rewards and shipped weights, plugged into the engine."""
