@@ -15,6 +15,7 @@ __all__ = ["ModelBackend", "ModelSpec", "TensorCond", "TextEncoder", "families",
 
 _BUILTIN: dict[str, str] = {
     "sd3": "engine.backends.sd3",
+    "zimage": "engine.backends.zimage",
 }
 _REGISTRY: dict[str, ModelBackend] = {}
 
