@@ -17,10 +17,12 @@ CHARS = "abcdefghijklmnopqrstuvwxyz0123456789"
 def _clip_tokenizer(root: Path):
     from transformers import CLIPTokenizer
 
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    vocab: dict[str, int] = {}
     for ch in CHARS:
         vocab[ch] = len(vocab)
         vocab[ch + "</w>"] = len(vocab)
+    # special tokens last, as in CLIP's vocab (49406, 49407): OWL-ViT treats a query starting with id 0 as padding
+    vocab.update({"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1})
     root.mkdir(parents=True, exist_ok=True)
     (root / "_vocab.json").write_text(json.dumps(vocab))
     (root / "_merges.txt").write_text("#version: 0.2\n")
@@ -32,7 +34,7 @@ def _clip_tokenizer(root: Path):
 
 def _clip_configs(vocab: int, max_pos: int = 77) -> tuple[dict, dict]:
     text = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                max_position_embeddings=max_pos, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+                max_position_embeddings=max_pos, bos_token_id=vocab - 2, eos_token_id=vocab - 1, pad_token_id=vocab - 1)
     vision = dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                   num_attention_heads=2)
     return text, vision
