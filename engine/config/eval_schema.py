@@ -67,11 +67,11 @@ class ValidationConfig:
         choice(p, "validation.scorer_device", self.scorer_device, SCORER_DEVICES)
         if self.prompts and self.prompt_file:
             p.append("validation: set either `prompts` or `prompt_file`, not both")
-        if self.every and not (self.prompts or self.prompt_file):
+        if self.every > 0 and not (self.prompts or self.prompt_file):
             p.append(f"validation.every = {self.every} needs validation.prompts or validation.prompt_file")
-        if self.every and not self.seeds:
+        if self.every > 0 and not self.seeds:
             p.append("validation.seeds is empty; give at least one noise seed, e.g. [0]")
-        if self.scorers and not self.every:
+        if self.scorers and self.every <= 0:
             p.append("validation.scorers score the validation samples: set validation.every > 0")
         names = sorted(self.scorers)
         if self.select and self.select not in (*names, SELECT_AVERAGE):

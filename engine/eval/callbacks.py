@@ -46,7 +46,7 @@ class EvalCallbacks:
             self.trackers.text("config", "```toml\n" + to_toml(c) + "```", 0)
         self.callbacks: list[Callable[[Any, int], None]] = [MetricsFeed(self.trackers, c.train.save_every,
                                                                         c.train.steps)]
-        if c.validation.every:
+        if c.validation.every > 0:
             from contextlib import nullcontext
 
             from engine.adapters.export import export_adapter

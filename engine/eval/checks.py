@@ -38,7 +38,7 @@ def path_problems(c: Config) -> list[str]:
                      f"see docs/evaluation.md)")
         elif entry.weights == "url" and not path.startswith(("http://", "https://")):
             p.append(f"validation.scorers.{name} = {path!r}: expected the reward server's http:// URL")
-    if v.every and v.prompt_file and not v.prompt_file.startswith("builtin:"):
+    if v.every > 0 and v.prompt_file and not v.prompt_file.startswith("builtin:"):
         if not resolve_path(v.prompt_file).is_file():
             p.append(f"validation.prompt_file: prompt file not found: {v.prompt_file}")
     return p
@@ -52,7 +52,7 @@ def environment_problems(c: Config) -> list[str]:
                  "tracking.tensorboard = false")
     if c.tracking.wandb and importlib.util.find_spec("wandb") is None:
         p.append("tracking.wandb = true needs the wandb package (pip install wandb), or set tracking.wandb = false")
-    if c.validation.every and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if c.validation.every > 0 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         try:
             stage = int(json.loads(deepspeed_json(c).read_text()).get("zero_optimization", {}).get("stage", 0))
         except (OSError, ValueError, AttributeError):
