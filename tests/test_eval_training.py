@@ -161,7 +161,6 @@ def test_validation_and_tracking_keys_are_checked_before_anything_is_written(tmp
                      "validation.scorers.nope: unknown scorer; valid:",
                      "validation.select = 'x'; valid: deqa, nope, pickscore, average",
                      "validation: the alarm needs both alarm_quality and alarm_reward",
-                     "validation.scorers score the validation samples: set validation.every > 0",
                      "tracking.wandb_mode = 'sometimes'; valid: offline, online"]:
         assert expected in text, expected
     with pytest.raises(ConfigError) as exc:
@@ -171,3 +170,7 @@ def test_validation_and_tracking_keys_are_checked_before_anything_is_written(tmp
     assert "validation.scorers.pickscore: scorer weights not found: /no/pickscore" in str(exc.value)
     assert "validation.scorers.deqa = '/not/a/url': expected the reward server's http:// URL" in str(exc.value)
     assert not out.exists()
+    with pytest.raises(ConfigError, match="'average' is the Flow-OPD card's average: it needs one of"):
+        load_config(REPO / "configs" / "tiny.toml", ["validation.every=5", 'validation.prompts=["a"]',
+                                                     'validation.scorers={"toy:task" = ""}',
+                                                     'validation.select="average"'])

@@ -21,7 +21,8 @@ class ValidationConfig:
     """[validation]: decoded samples from fixed prompts and noise during training, held-out scores, the best
     checkpoint and the reward-hacking alarm (rank 0; docs/evaluation.md)."""
     every: int = 0
-    """Validate every N optimizer steps, before the first step of a fresh run and after the last; 0 = off."""
+    """Validate every N optimizer steps, before the first step of a fresh run and after the last; 0 = off (the
+    other [validation] keys are then unused)."""
     prompts: list[str] = field(default_factory=list)
     """Validation prompts (`[task] text` lines work as in data.prompts); or set `prompt_file`."""
     prompt_file: str = ""
@@ -71,8 +72,6 @@ class ValidationConfig:
             p.append(f"validation.every = {self.every} needs validation.prompts or validation.prompt_file")
         if self.every > 0 and not self.seeds:
             p.append("validation.seeds is empty; give at least one noise seed, e.g. [0]")
-        if self.scorers and self.every <= 0:
-            p.append("validation.scorers score the validation samples: set validation.every > 0")
         names = sorted(self.scorers)
         if self.select and self.select not in (*names, SELECT_AVERAGE):
             p.append(f"validation.select = {self.select!r}; valid: {', '.join([*names, SELECT_AVERAGE])}")

@@ -15,11 +15,15 @@ from engine.config.schema import Config
 def config_problems(c: Config) -> list[str]:
     """Unknown scorer names in validation.scorers (pure lookups: importing a scorer loads no weights)."""
     from engine.eval.scorers import find_scorer, scorer_names
+    from engine.eval.table import CARD
 
     p: list[str] = []
     for name in c.validation.scorers:
         if find_scorer(name) is None:
             p.append(f"validation.scorers.{name}: unknown scorer; valid: {', '.join(scorer_names())}")
+    if c.validation.select == "average" and not set(c.validation.scorers) & set(CARD):
+        p.append(f"validation.select = 'average' is the Flow-OPD card's average: it needs one of the scorers "
+                 f"{', '.join(CARD)} in validation.scorers")
     return p
 
 
