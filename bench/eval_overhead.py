@@ -9,7 +9,8 @@ Two short runs of the default job's config (configs/toy.toml: report, reward cur
 Each step's wall time is measured from one step callback to the next (the train step, its metrics line and every
 callback: the tracker feed, the validation's due-check), leaving out the steps where validation runs (0, every
 25th, the last) and where a checkpoint is written. Reported: the median off-cycle step of each run, their ratio
-(median over repeats), the one-time setup of the eval callbacks and the on-cycle validation time.
+(median over repeats); and, timed directly inside the "on" run, the eval callbacks' own time per off-cycle step, the
+one-time setup and close of the trackers and validation, and each validation's time.
 """
 
 from __future__ import annotations
@@ -43,8 +44,19 @@ def child(out: Path, steps: int, on: bool, result: Path) -> None:
     evals = EvalCallbacks(cfg, trainer)
     setup = time.perf_counter() - t0
     stamps: dict[int, float] = {}
-    trainer.train([*evals.callbacks, lambda view, n: stamps.__setitem__(n, time.perf_counter())])
+    spent: dict[int, float] = {}  # seconds inside the eval callbacks after step n (timed directly)
+
+    def timed(cb: object) -> object:
+        def run(view: object, n: int) -> None:
+            t = time.perf_counter()
+            cb(view, n)  # type: ignore[operator]
+            spent[n] = spent.get(n, 0.0) + time.perf_counter() - t
+        return run
+
+    trainer.train([*map(timed, evals.callbacks), lambda view, n: stamps.__setitem__(n, time.perf_counter())])
+    t0 = time.perf_counter()
     evals.close()
+    close = time.perf_counter() - t0
     trainer.close()
     every, save = cfg.validation.every or 25, cfg.train.save_every
     on_cycle = {n for n in stamps if n % every == 0 or n == steps}
@@ -52,7 +64,9 @@ def child(out: Path, steps: int, on: bool, result: Path) -> None:
     steps_s = {n: stamps[n] - stamps[n - 1] for n in stamps if n - 1 in stamps}
     off = [s for n, s in steps_s.items() if n not in on_cycle and n not in ckpt]
     valid = [s for n, s in steps_s.items() if n in on_cycle and n not in ckpt]
-    result.write_text(json.dumps({"off_cycle": off, "on_cycle": valid, "setup_s": setup}))
+    result.write_text(json.dumps({"off_cycle": off, "on_cycle": valid, "setup_s": setup, "close_s": close,
+                                  "callbacks_off_cycle": [spent.get(n, 0.0) for n in steps_s if n not in on_cycle],
+                                  "callbacks_on_cycle": [spent.get(n, 0.0) for n in stamps if n in on_cycle]}))
 
 
 def main() -> int:
@@ -87,10 +101,14 @@ def main() -> int:
     rows = []
     for i, p in enumerate(pairs):
         on, off = statistics.median(p["on"]["off_cycle"]), statistics.median(p["off"]["off_cycle"])
+        cb = statistics.median(p["on"]["callbacks_off_cycle"])
         rows.append({"repeat": i, "on_median_step_s": on, "off_median_step_s": off, "ratio": on / off,
-                     "setup_s": p["on"]["setup_s"], "validation_s": statistics.median(p["on"]["on_cycle"]) - on})
-        print(f"repeat {i}: off-cycle median step {on:.3f} s (on) vs {off:.3f} s (off): x{on / off:.3f}; eval setup "
-              f"{rows[-1]['setup_s']:.2f} s; a validation ~{rows[-1]['validation_s']:.2f} s")
+                     "setup_s": p["on"]["setup_s"], "close_s": p["on"]["close_s"], "callbacks_off_cycle_s": cb,
+                     "validation_s": p["on"]["callbacks_on_cycle"]})
+        print(f"repeat {i}: off-cycle median step {on:.3f} s (on) vs {off:.3f} s (off): x{on / off:.3f}; the eval "
+              f"callbacks {1e3 * cb:.2f} ms per off-cycle step ({100 * cb / on:.3f}%); setup "
+              f"{rows[-1]['setup_s']:.2f} s, close {rows[-1]['close_s']:.2f} s; validations "
+              f"{', '.join(f'{v:.2f}' for v in rows[-1]['validation_s'])} s")
     ratio = statistics.median(r["ratio"] for r in rows)
     print(f"median ratio over {len(rows)} repeats: {ratio:.3f} ({100 * (ratio - 1):+.1f}%)")
     if args.json:

@@ -74,6 +74,7 @@ def test_short_run_writes_validation_pngs_tensorboard_and_export_best(tmp_path: 
     assert any(t.startswith("config") for t in tensors)  # the resolved config as text
 
 
+@pytest.mark.slow  # two process starts + 8 toy steps: 49 s on 2 idle cores, 204 s at load average 9
 def test_killed_and_resumed_run_keeps_one_curve(tmp_path: Path) -> None:
     out = tmp_path / "toy"
     cmd = [sys.executable, str(REPO / "engine" / "train.py"), "--config", str(REPO / "configs" / "toy.toml"),
