@@ -91,7 +91,7 @@ class TensorBoardTracker:
 class WandbTracker:
     """wandb (offline by default: no network; `wandb sync` uploads later), one run id per run dir."""
 
-    def __init__(self, run_dir: Path, project: str, mode: str, config: Mapping[str, Any], resumed: bool):
+    def __init__(self, run_dir: Path, project: str, mode: str, config: Mapping[str, Any]):
         try:
             import wandb
         except ImportError as exc:
@@ -110,7 +110,6 @@ class WandbTracker:
             write_atomic(id_file, run_id + "\n")
         self.run = wandb.init(project=project, dir=str(run_dir), mode=mode, id=run_id, resume="allow",
                               name=run_dir.name, config=dict(config))
-        self.resumed = resumed
 
     def scalars(self, values: Mapping[str, float], step: int) -> None:
         """run.log at `step` (non-finite values as None, which wandb skips)."""
@@ -171,5 +170,5 @@ def build_trackers(run_dir: Path, tensorboard: bool, wandb: bool, project: str, 
     if tensorboard:
         out.append(TensorBoardTracker(run_dir, purge_step=start_step + 1 if start_step else None))
     if wandb:
-        out.append(WandbTracker(run_dir, project, mode, config, resumed=start_step > 0))
+        out.append(WandbTracker(run_dir, project, mode, config))
     return Trackers(out)
