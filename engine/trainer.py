@@ -58,9 +58,12 @@ class TrainingView(Protocol):
 
     rank: int
     device: torch.device
+    last_logged: dict[str, Any] | None
+    """The metrics row written to metrics.jsonl by the step just finished (None when it was not logged)."""
 
-    def student_velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: TensorCond) -> torch.Tensor:
-        """The live student's unguided velocity."""
+    def student_velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: TensorCond,
+                         cfg_scale: float = 1.0) -> torch.Tensor:
+        """The live student's velocity, CFG-guided by `cfg_scale` (1.0 = unguided)."""
         ...
 
 
@@ -154,6 +157,7 @@ class Trainer:
         if self.rank == 0:
             self.checkpointer.check_free_space(sum(p.numel() for p in params))
         self.metrics = MetricsWriter(self.out / "metrics.jsonl", self.start_step) if self.rank == 0 else None
+        self.last_logged: dict[str, Any] | None = None
         self.profiler = CudaProfilerWindow(c.train.profile_steps)
 
     # ------------------------------------------------------------------------------------------ setup
@@ -194,9 +198,11 @@ class Trainer:
         """Failed checkpoint writes in a row (the checkpointer's count)."""
         return self.checkpointer.save_failures
 
-    def student_velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: TensorCond) -> torch.Tensor:
-        """The live student's unguided velocity (what step callbacks sample with)."""
-        return self.evaluator.field_velocity(student_field(1.0), x, sigma, cond)
+    def student_velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: TensorCond,
+                         cfg_scale: float = 1.0) -> torch.Tensor:
+        """The live student's velocity through the run's field evaluator, CFG-guided by `cfg_scale` (what step
+        callbacks sample with)."""
+        return self.evaluator.field_velocity(student_field(cfg_scale), x, sigma, cond)
 
     # ------------------------------------------------------------------------------------------- loop
 
@@ -321,8 +327,10 @@ class Trainer:
             self.profiler.after_step(step)
             rows.append(row)
             self.hooks.hit("step.end", step)
+            self.last_logged = None
             if self.metrics is not None and (step % c.log_every == 0 or step + 1 == c.steps):
                 self.metrics.write(row)
+                self.last_logged = row  # what the trackers see (engine/eval/callbacks.py)
             self.hooks.hit("step.logged", step)
             bar.set_postfix(loss=f"{row.get('loss', float('nan')):.4g}", img_s=f"{row['images_per_s']:.1f}")
             for cb in callbacks:

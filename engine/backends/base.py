@@ -127,6 +127,10 @@ class VAE(Protocol):
         """Latents as the transformer sees them -> [B, 3, H, W] in [-1, 1]."""
         ...
 
+    def to(self, device: torch.device | str) -> VAE:
+        """Move the VAE's weights to `device` (decoding follows them there); returns self."""
+        ...
+
 
 @dataclass(frozen=True)
 class ModelSpec:

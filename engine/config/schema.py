@@ -9,8 +9,10 @@ every problem. `python -m engine.config --reference` generates docs/config.md fr
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
+
+from engine.config.checks import choice, finite, need, need_num
+from engine.config.eval_schema import TrackingConfig, ValidationConfig
 
 LOSSES = ("mse", "gkd", "kl_only")  # the built-in losses (engine/opd/losses.py registers them and any others)
 ROUTINGS = ("task", "step", "epoch")
@@ -23,31 +25,6 @@ ATTENTION_BACKENDS = ("sdpa", "flash", "xformers")
 FIELD_EVALUATORS = ("reference", "batched")
 LORA_INITS = ("gaussian", "default", "zeros")
 RESERVED_NAMES = ("base", "student")
-
-
-def choice(problems: list[str], where: str, value: str, valid: tuple[str, ...]) -> None:
-    """Append a problem when `value` is not one of `valid`."""
-    if value not in valid:
-        problems.append(f"{where} = {value!r}; valid: {', '.join(valid)}")
-
-
-def need(problems: list[str], where: str, value: object, ok: bool, rule: str) -> None:
-    """Append `<where> = <value>; <rule>` unless `ok`."""
-    if not ok:
-        problems.append(f"{where} = {value}; {rule}")
-
-
-def need_num(problems: list[str], where: str, value: float, ok: bool, rule: str) -> None:
-    """Append a problem when `value` is not finite, else when not `ok` (`<where> = <value>; <rule>`)."""
-    if _finite(problems, where, value):
-        need(problems, where, value, ok, rule)
-
-
-def _finite(problems: list[str], where: str, value: float) -> bool:
-    if not math.isfinite(value):
-        problems.append(f"{where} = {value}; must be a finite number")
-        return False
-    return True
 
 
 @dataclass
@@ -188,7 +165,7 @@ class InitConfig:
         if self.weights and len(self.weights) != n_merge:
             p.append(f"init.weights has {len(self.weights)} entries for {n_merge} merged teachers")
         for i, w in enumerate(self.weights):
-            _finite(p, f"init.weights[{i}]", w)
+            finite(p, f"init.weights[{i}]", w)
         if self.merge != "none" and self.adapter:
             p.append("init: set either `merge` or `adapter`, not both")
         if self.merge == "average":  # loaded teachers' ranks are checked when they are loaded
@@ -252,7 +229,7 @@ class RolloutConfig:
         need(p, "rollout.steps", self.steps, self.steps >= 2, "must be >= 2")
         need_num(p, "rollout.shift", self.shift, self.shift > 0, "must be > 0")
         choice(p, "rollout.sampler", self.sampler, SAMPLERS)
-        if _finite(p, "rollout.noise_level", self.noise_level) and self.sampler == "sde" and self.noise_level <= 0:
+        if finite(p, "rollout.noise_level", self.noise_level) and self.sampler == "sde" and self.noise_level <= 0:
             p.append(f"rollout.noise_level = {self.noise_level}; must be > 0 for the sde sampler")
         need_num(p, "rollout.cfg_scale", self.cfg_scale, self.cfg_scale >= 0, "must be >= 0")
         need(p, "rollout.group_size", self.group_size, self.group_size >= 1, "must be >= 1")
@@ -465,6 +442,8 @@ class Config:
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def problems(self) -> list[str]:
         """Every impossible value and dangling reference that needs no model code and no files."""
@@ -491,4 +470,5 @@ class Config:
             p.append("fields is empty: define at least one field to distill from")
         p += self.opd.problems(fields, self.rollout)
         p += self.train.problems() + self.kernels.problems() + self.report.problems()
+        p += self.validation.problems() + self.tracking.problems()
         return p
