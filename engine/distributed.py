@@ -133,6 +133,16 @@ class Collectives:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def gather(self, t: torch.Tensor) -> torch.Tensor:
+        """Every rank's `t` (same shape on every rank), concatenated along dim -1 in rank order."""
+        import torch.distributed as dist
+
+        if self.world == 1:
+            return t
+        parts = [torch.empty_like(t) for _ in range(self.world)]
+        dist.all_gather(parts, t.contiguous())
+        return torch.cat(parts, dim=-1)
+
     def union(self, names: list[str]) -> set[str]:
         """The union of every rank's `names`."""
         import torch.distributed as dist

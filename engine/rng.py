@@ -12,6 +12,7 @@ _MASK = (1 << 64) - 1
 
 # purposes: distinct constants so streams never collide
 DATA, ROUTE, NOISE, QUERY, INIT = 1, 2, 3, 4, 5
+RL = 7  # RL objectives' draws (the SDE window); 6 is evaluation noise (engine/eval/sampling.py)
 
 
 def _splitmix64(x: int) -> int:

@@ -41,8 +41,9 @@ from engine.fields.field import Field, student_field
 from engine.files import RunDirLock, write_atomic
 from engine.hooks import hooks_from_env
 from engine.metrics import MetricsWriter
-from engine.opd.objective import ChunkResult, OPDObjective
-from engine.opd.routing import Router
+from engine.objective import ChunkResult, MicroBatch
+from engine.objectives import build_objective, chunks_of
+from engine.opd.routing import NoRouting, Router
 from engine.profiling import CudaProfilerWindow, PhaseTimer
 from engine.sampling.rollout import EagerRollout, Rollout
 from engine.sampling.schedule import flow_match_sigmas
@@ -107,7 +108,7 @@ class Trainer:
         self.backend = get_backend(c.model.family)
         model, self.spec = build_student(c, self.backend)
         self.prompts = load_prompts(c.data.prompts)
-        self.router = Router(c.opd, self.prompts, c.train.seed)
+        self.router = NoRouting() if c.rl.loss else Router(c.opd, self.prompts, c.train.seed)
         encoder = build_text_encoder(c.data.encoder, self.backend, self.spec, c.data.max_sequence_length)
         cache = Path(c.data.cache) if c.data.cache else self.out / "prompt_cache.safetensors"
         texts = [p.text for p in self.prompts]
@@ -129,7 +130,7 @@ class Trainer:
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0
         )
-        chunks = c.opd.query_states or (c.rollout.steps - 1)
+        chunks = chunks_of(c)
         universal = (self.resume_from is not None
                      and int(self.resume_from[1].get("world_size", self.world)) != self.world)
         ds = deepspeed_config(read_deepspeed_json(deepspeed_json(c)), rows=self.rows,
@@ -146,7 +147,8 @@ class Trainer:
                        for f in c.fields}
         self.evaluator = self._build_evaluator()
         self.rollout = self._build_rollout()
-        self.objective = OPDObjective(c.opd, c.rollout, self.evaluator, self.sigmas, self.timer.range)
+        self.objective = build_objective(c, self.evaluator, self.fields, self.sigmas, self.timer.range, self.backend,
+                                         self.spec, self.comm)
 
         # ---- resume
         self.start_step = 0
@@ -175,15 +177,16 @@ class Trainer:
         c = self.config
         student = student_field(c.rollout.cfg_scale)
         shape = self.spec.latent_shape
+        eager = EagerRollout(self.evaluator, student, sampler=c.rollout.sampler, noise_level=c.rollout.noise_level,
+                             seed=c.train.seed, latent_shape=shape, device=self.device)
         if c.kernels.cuda_graphs:  # in-kernel Philox step noise, still keyed by (seed, sample id, step)
             from engine.sampling.rollout_graph import GraphRollout, RolloutRunner
 
             runner = RolloutRunner(self.model, student, self.uncond, velocity=self.backend.velocity,
                                    sampler=c.rollout.sampler, noise_level=c.rollout.noise_level,
                                    switch=self.evaluator.switch)
-            return GraphRollout(runner, seed=c.train.seed, latent_shape=shape, device=self.device)
-        return EagerRollout(self.evaluator, student, sampler=c.rollout.sampler, noise_level=c.rollout.noise_level,
-                            seed=c.train.seed, latent_shape=shape, device=self.device)
+            return GraphRollout(runner, seed=c.train.seed, latent_shape=shape, device=self.device, mixed=eager)
+        return eager
 
     def state_dict(self) -> dict[str, Any]:
         """The trainer's own resume state beside DeepSpeed's (the client state of a checkpoint)."""
@@ -217,16 +220,22 @@ class Trainer:
         checks: list[ChunkResult] = []
         data_crc = 0
         skipped_before = self.engine.skipped_steps
+        micros: list[MicroBatch] = []  # every micro-batch is rolled out before any is trained (engine/objective.py)
+        sde = self.objective.sde_steps(step)
         for micro in range(c.train.grad_accum):
             batch = self.sampler.batch(step, micro, pool, pool_key)
             data_crc = zlib.crc32(json.dumps(batch.sample_ids).encode(), data_crc)
             routes = self.router.route(step, batch.tasks)
             cond = self.embeddings.cond(batch.texts).to(self.device)
             with self.timer.range("rollout", "green"):
-                traj = self.rollout(cond, batch.sample_ids, self.sigmas)
-            queries = self.objective.queries(batch.sample_ids, c.train.seed)
+                traj = self.rollout(cond, batch.sample_ids, self.sigmas, sde)
+            micros.append(MicroBatch(micro, batch.sample_ids, batch.prompt_ids, batch.texts, batch.tasks, routes,
+                                     cond, traj))
+        logged = self.objective.prepare(step, micros)
+        for m in micros:
+            queries = self.objective.queries(m, c.train.seed, step)
             for j in range(self.objective.chunks):
-                res = self.objective.chunk(traj, queries, j, routes, cond, self.engine.backward)
+                res = self.objective.chunk(m, queries, j, self.engine.backward)
                 with self.timer.range("optimizer", "purple"):
                     self.engine.step()
                 checks.append(res)
@@ -243,6 +252,7 @@ class Trainer:
             "step": step,
             **{k: float(v) / n for k, v in sums.items()},
             **{f"field/{k}": float(torch.stack(v).mean()) for k, v in per_field.items()},
+            **logged,
             "lr": float(self.engine.get_lr()[0]),
             "grad_norm": grad_norm,
             "images_per_s": self.rows * c.train.grad_accum * self.world / elapsed,

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from engine.backends import get_backend
+from engine.backends.decode import make_decoder
 from engine.backends.sd3.vae import SD3VAE
 from engine.errors import ModelLoadError
-from engine.eval.sampling import eval_noise, make_decoder
+from engine.eval.sampling import eval_noise
 from tests.fake_sd3 import build_fake_sd3
 
 CPU = torch.device("cpu")

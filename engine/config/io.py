@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.config.eval_schema import TrackingConfig, ValidationConfig
+from engine.config.rl_schema import RLConfig
 from engine.config.schema import (
     Config,
     DataConfig,
@@ -244,6 +245,7 @@ SECTIONS: list[tuple[str, type]] = [
     ("[[fields]]", FieldConfig), ("[init]", InitConfig), ("[data]", DataConfig), ("[rollout]", RolloutConfig),
     ("[opd]", OPDConfig), ("[train]", TrainConfig), ("[kernels]", KernelsConfig), ("[report]", ReportConfig),
     ("[experiment]", ExperimentConfig), ("[validation]", ValidationConfig), ("[tracking]", TrackingConfig),
+    ("[rl]", RLConfig),
 ]
 
 

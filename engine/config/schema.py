@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from engine.config.checks import choice, finite, need, need_num
 from engine.config.eval_schema import TrackingConfig, ValidationConfig
+from engine.config.rl_schema import RLConfig
 
 LOSSES = ("mse", "gkd", "kl_only")  # the built-in losses (engine/opd/losses.py registers them and any others)
 ROUTINGS = ("task", "step", "epoch")
@@ -444,6 +445,7 @@ class Config:
     experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
 
     def problems(self) -> list[str]:
         """Every impossible value and dangling reference that needs no model code and no files."""
@@ -465,10 +467,23 @@ class Config:
                 p.append(f"fields[{i}].name = {f.name!r} is used twice (also fields[{fields.index(f.name)}].name)")
             fields.append(f.name)
         p += self.init.problems(self.teachers, self.student)
-        p += self.data.problems() + self.rollout.problems()
-        if not fields:
-            p.append("fields is empty: define at least one field to distill from")
-        p += self.opd.problems(fields, self.rollout)
+        p += self.data.problems() + self.rollout.problems() + self.rl.problems(self.rollout.steps)
+        if self.rl.loss:
+            p += self.rl_problems(fields)
+        else:
+            if not fields:
+                p.append("fields is empty: define at least one field to distill from")
+            p += self.opd.problems(fields, self.rollout)
         p += self.train.problems() + self.kernels.problems() + self.report.problems()
         p += self.validation.problems() + self.tracking.problems()
+        return p
+
+    def rl_problems(self, fields: list[str]) -> list[str]:
+        """What an RL objective needs of the rest of the config: SDE rollouts, a known reference field."""
+        p: list[str] = []
+        if self.rollout.sampler != "sde" or self.rollout.noise_level <= 0:
+            p.append(f"rl.loss = {self.rl.loss!r} needs rollout.sampler = 'sde' with rollout.noise_level > 0 "
+                     f"(its ratio re-scores the rollout's log-probs)")
+        if self.rl.reference and self.rl.reference not in fields:
+            p.append(f"rl.reference = {self.rl.reference!r}: unknown field; valid: {', '.join(fields) or '(none)'}")
         return p

@@ -110,10 +110,11 @@ def run(args: argparse.Namespace, scorer_paths: dict[str, str], score_on: dict[s
     """Load, sample every row, score, write the table."""
     from engine.adapters.lora import load_adapter
     from engine.backends import get_backend
+    from engine.backends.decode import make_decoder
     from engine.config.io import resolve_path
     from engine.data.cache import load_or_build
     from engine.data.text import build_text_encoder
-    from engine.eval.sampling import eval_noise, grid, make_decoder, sample_images, save_png
+    from engine.eval.sampling import eval_noise, grid, sample_images, save_png
     from engine.eval.scorers import build_scorer
     from engine.eval.scoring import score_set
     from engine.eval.table import AVERAGE, card_average, write_table

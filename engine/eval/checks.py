@@ -1,6 +1,7 @@
-"""The config checks of [validation] and [tracking] that need the scorer registry or the files (called by
-engine/config/load.py's `validate` and engine/config/preflight.py): scorer names, each scorer's weights (a local
-dir that exists, a server URL), the validation prompt file, the tracker packages, ZeRO-3 on several ranks."""
+"""The config checks of [validation], [tracking] and [rl]'s scorers that need the scorer registry or the files
+(called by engine/config/load.py's `validate` and engine/config/preflight.py): scorer names, each scorer's weights
+(a local dir that exists, a server URL), the validation prompt file, the tracker packages, ZeRO-3 on several
+ranks."""
 
 from __future__ import annotations
 
@@ -18,9 +19,10 @@ def config_problems(c: Config) -> list[str]:
     from engine.eval.table import CARD
 
     p: list[str] = []
-    for name in c.validation.scorers:
-        if find_scorer(name) is None:
-            p.append(f"validation.scorers.{name}: unknown scorer; valid: {', '.join(scorer_names())}")
+    for where, table in (("validation.scorers", c.validation.scorers), ("rl.scorers", c.rl.scorers)):
+        for name in table:
+            if find_scorer(name) is None:
+                p.append(f"{where}.{name}: unknown scorer; valid: {', '.join(scorer_names())}")
     if c.validation.select == "average" and not set(c.validation.scorers) & set(CARD):
         p.append(f"validation.select = 'average' is the Flow-OPD card's average: it needs one of the scorers "
                  f"{', '.join(CARD)} in validation.scorers")
@@ -33,15 +35,16 @@ def path_problems(c: Config) -> list[str]:
 
     p: list[str] = []
     v = c.validation
-    for name, path in v.scorers.items():
-        entry = find_scorer(name)
-        if entry is None:
-            continue  # reported by config_problems
-        if entry.weights == "dir" and not (path and resolve_path(path).is_dir()):
-            p.append(f"validation.scorers.{name}: scorer weights not found: {path or '(empty path)'} (a local dir; "
-                     f"see docs/evaluation.md)")
-        elif entry.weights == "url" and not path.startswith(("http://", "https://")):
-            p.append(f"validation.scorers.{name} = {path!r}: expected the reward server's http:// URL")
+    for where, table in (("validation.scorers", v.scorers), ("rl.scorers", c.rl.scorers)):
+        for name, path in table.items():
+            entry = find_scorer(name)
+            if entry is None:
+                continue  # reported by config_problems
+            if entry.weights == "dir" and not (path and resolve_path(path).is_dir()):
+                p.append(f"{where}.{name}: scorer weights not found: {path or '(empty path)'} (a local dir; see "
+                         f"docs/evaluation.md)")
+            elif entry.weights == "url" and not path.startswith(("http://", "https://")):
+                p.append(f"{where}.{name} = {path!r}: expected the reward server's http:// URL")
     if v.every > 0 and v.prompt_file and not v.prompt_file.startswith("builtin:"):
         if not resolve_path(v.prompt_file).is_file():
             p.append(f"validation.prompt_file: prompt file not found: {v.prompt_file}")

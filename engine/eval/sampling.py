@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine.backends.base import ModelBackend, TensorCond
+from engine.backends.base import TensorCond
+from engine.backends.decode import Decoder
 from engine.ops import ode_step
 from engine.rng import generator
 from engine.sampling.schedule import flow_match_sigmas
@@ -23,8 +24,6 @@ EVAL = 6  # engine.rng purpose of evaluation noise (1-5 are training's: data, ro
 
 Velocity = Callable[[torch.Tensor, torch.Tensor, TensorCond], torch.Tensor]
 """(x [B, ...], sigma [B], cond) -> velocity, with whatever adapter and guidance the caller applies."""
-Decoder = Callable[[torch.Tensor], torch.Tensor]
-"""latents [B, ...] -> images [B, 3, H, W] in [0, 1] (float32, CPU)."""
 
 
 def eval_noise(n_prompts: int, seeds: Sequence[int], samples: int, shape: Sequence[int]) -> torch.Tensor:
@@ -48,21 +47,6 @@ def ode_sample(velocity: Velocity, noise: torch.Tensor, cond: TensorCond, steps:
         v = velocity(x, sigmas[i].expand(x.shape[0]), cond)
         x = ode_step(x, v.float(), sigmas[i], sigmas[i + 1])
     return x
-
-
-def make_decoder(backend: ModelBackend, model_dir: Path | None, latent_shape: Sequence[int],
-                 device: torch.device) -> Decoder:
-    """The decoder of a model: its family's VAE from `model_dir` on `device`, or the identity for a pixel-space
-    model (3 latent channels, no VAE); ValueError naming the dir otherwise."""
-    vae = backend.vae(model_dir)
-    if vae is not None:
-        vae.to(device)
-        return lambda z: ((vae.decode(z).float().cpu() + 1) / 2).clamp(0, 1)
-    if latent_shape[0] == 3:
-        return lambda z: ((z.float().cpu() + 1) / 2).clamp(0, 1)
-    where = f"{model_dir} has no VAE" if model_dir is not None else "a preset model has no VAE"
-    raise ValueError(f"images need the model family's VAE to decode {latent_shape[0]}-channel latents, but {where}: "
-                     f"set model.path to a local {backend.family} pipeline dir with vae/")
 
 
 def sample_images(velocity: Velocity, cond: TensorCond, noise: torch.Tensor, decode: Decoder, steps: int,

@@ -37,10 +37,11 @@ from typing import Any
 import torch
 
 from engine.backends.base import ModelBackend, ModelSpec
+from engine.backends.decode import make_decoder
 from engine.config.io import resolve_path
 from engine.config.schema import Config
 from engine.eval.prompts import EvalPrompt, from_lines, load_eval_prompts
-from engine.eval.sampling import eval_noise, grid, make_decoder, sample_images, save_png
+from engine.eval.sampling import eval_noise, grid, sample_images, save_png
 from engine.eval.scorers import build_scorer
 from engine.eval.scorers.base import Scorer
 from engine.eval.scoring import score_set

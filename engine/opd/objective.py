@@ -11,36 +11,20 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
 
 import torch
 
-from engine.backends.base import TensorCond
 from engine.config.schema import OPDConfig, RolloutConfig
 from engine.fields.evaluator import FieldEvaluator
 from engine.fields.field import student_field
 from engine.fields.rows import take
-from engine.opd.losses import LossOutput, Transition, opd_loss
+from engine.objective import ChunkResult, MicroBatch
+from engine.opd.losses import Transition, opd_loss
 from engine.opd.query import select_queries
 from engine.sampling.rollout import Trajectory
 
 PhaseRange = Callable[[str, str], AbstractContextManager]
 """`timer.range(name, colour)`: the phase timer's NVTX + wall-time range."""
-
-
-@dataclass
-class ChunkResult:
-    """One chunk's loss and what a non-finite step's diagnosis needs (device tensors: no host sync)."""
-
-    out: LossOutput
-    rows: list[str]
-    """Field of every target row (routed fields, then the anchor's rows)."""
-    target_ok: torch.Tensor
-    """[rows] finite target velocities."""
-    student_ok: torch.Tensor
-    """[B] finite student velocities."""
-    per_field: dict[str, torch.Tensor]
-    """field name -> mean main term of the rows routed to it."""
 
 
 class OPDObjective:
@@ -57,9 +41,17 @@ class OPDObjective:
         """The MAR anchor's field, or None when the anchor term is off (no anchor or beta = 0)."""
         self.student = student_field(cfg.student_cfg)
 
-    def queries(self, sample_ids: Sequence[int], seed: int) -> torch.Tensor:
+    def sde_steps(self, step: int) -> Sequence[int] | None:
+        """Every rollout step as `rollout.sampler` says."""
+        return None
+
+    def prepare(self, step: int, micros: list[MicroBatch]) -> dict[str, float]:
+        """Nothing to look at before training (OPD needs no rewards)."""
+        return {}
+
+    def queries(self, micro: MicroBatch, seed: int, step: int) -> torch.Tensor:
         """[B, chunks] state indices of each sample (a pure function of seed and sample id)."""
-        return select_queries(self.steps, sample_ids, self.cfg.query_states, self.cfg.query_bias,
+        return select_queries(self.steps, micro.sample_ids, self.cfg.query_states, self.cfg.query_bias,
                               seed).to(self.sigmas.device)
 
     def transition(self, traj: Trajectory, queries: torch.Tensor, j: int) -> Transition:
@@ -70,10 +62,11 @@ class OPDObjective:
                           sigma_next=self.sigmas[idx + 1], sigma_1=self.sigma_1, noise_level=self.noise_level,
                           logp_old=traj.log_probs[idx, arange])
 
-    def chunk(self, traj: Trajectory, queries: torch.Tensor, j: int, routes: list[str], cond: TensorCond,
+    def chunk(self, micro: MicroBatch, queries: torch.Tensor, j: int,
               backward: Callable[[torch.Tensor], None]) -> ChunkResult:
         """Score query slot `j`: field targets (no grad), the student's loss, `backward(loss)`."""
-        tr = self.transition(traj, queries, j)
+        routes, cond = micro.routes, micro.cond
+        tr = self.transition(micro.traj, queries, j)
         n = len(routes)
         with self.phase("fields", "orange"), torch.no_grad():
             rows = routes + ([self.anchor] * n if self.anchor else [])

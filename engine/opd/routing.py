@@ -63,3 +63,15 @@ class Router:
         assert self._weights is not None
         idx = int(torch.multinomial(self._weights, 1, generator=rng.generator(self.seed, rng.ROUTE, step)))
         return [self._names[idx]] * len(tasks)
+
+
+class NoRouting:
+    """The router of an objective without fields (Flow-GRPO): every prompt of the pool, no field per sample."""
+
+    def pool(self, step: int) -> tuple[list[int] | None, int]:
+        """The whole (task-weighted) prompt pool."""
+        return None, 0
+
+    def route(self, step: int, tasks: Sequence[str]) -> list[str]:
+        """No field: the task tag stands in for it (logged per task)."""
+        return list(tasks)

@@ -103,8 +103,10 @@ def rollout(
     sigmas: torch.Tensor,
     sampler: str = "sde",
     noise_level: float = 0.7,
+    sde_steps: Sequence[int] | None = None,
 ) -> Trajectory:
-    """Run the T = len(sigmas) - 1 steps; `sampler` is `sde` or `ode`."""
+    """Run the T = len(sigmas) - 1 steps; `sampler` is `sde` or `ode`. With `sde_steps`, an `sde` rollout uses the
+    SDE only on those steps and the Euler ODE (log-prob 0) elsewhere (Flow-GRPO-Fast's SDE window)."""
     sigmas = sigmas.to(noise.device, torch.float32)
     x = noise.initial()
     b = x.shape[0]
@@ -115,7 +117,7 @@ def rollout(
         sigma = sigmas[t].expand(b)
         sigma_next = sigmas[t + 1].expand(b)
         v = velocity(x, sigma).float()
-        if sampler == "sde":
+        if sampler == "sde" and (sde_steps is None or t in sde_steps):
             out = sde_step(x, v, sigma, sigma_next, sigma_1, noise_level, noise=noise.step(t))
             x = out.sample
             log_probs.append(out.log_prob)
@@ -129,8 +131,10 @@ def rollout(
 class Rollout(Protocol):
     """The student's rollout of one micro-batch, whichever runner does it."""
 
-    def __call__(self, cond: TensorCond, sample_ids: Sequence[int], sigmas: torch.Tensor) -> Trajectory:
-        """T = len(sigmas) - 1 steps from the initial latents of `sample_ids`, conditioned on `cond`."""
+    def __call__(self, cond: TensorCond, sample_ids: Sequence[int], sigmas: torch.Tensor,
+                 sde_steps: Sequence[int] | None = None) -> Trajectory:
+        """T = len(sigmas) - 1 steps from the initial latents of `sample_ids`, conditioned on `cond` (SDE only on
+        `sde_steps` when given)."""
         ...
 
 
@@ -143,8 +147,9 @@ class EagerRollout:
         self.sampler, self.noise_level, self.seed = sampler, noise_level, seed
         self.latent_shape, self.device = tuple(latent_shape), device
 
-    def __call__(self, cond: TensorCond, sample_ids: Sequence[int], sigmas: torch.Tensor) -> Trajectory:
+    def __call__(self, cond: TensorCond, sample_ids: Sequence[int], sigmas: torch.Tensor,
+                 sde_steps: Sequence[int] | None = None) -> Trajectory:
         """The rollout of `sample_ids` (noise keyed by (seed, sample id, step))."""
         noise = SampleNoise(self.seed, sample_ids, self.latent_shape, self.device)
         velocity = functools.partial(self.evaluator.field_velocity, self.field, cond=cond)
-        return rollout(velocity, noise, sigmas, self.sampler, self.noise_level)
+        return rollout(velocity, noise, sigmas, self.sampler, self.noise_level, sde_steps)

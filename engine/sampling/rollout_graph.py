@@ -37,7 +37,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -279,11 +279,23 @@ class RolloutRunner:
 
 
 class GraphRollout:
-    """The `Rollout` interface over a `RolloutRunner`: in-kernel Philox step noise keyed by (seed, sample id, step)."""
+    """The `Rollout` interface over a `RolloutRunner`: in-kernel Philox step noise keyed by (seed, sample id, step).
 
-    def __init__(self, runner: RolloutRunner, *, seed: int, latent_shape: tuple[int, ...], device: torch.device):
+    A rollout with an SDE window (some steps ODE) runs through `mixed`, the eager runner: the captured step has one
+    sampler baked in (one log line says so)."""
+
+    def __init__(self, runner: RolloutRunner, *, seed: int, latent_shape: tuple[int, ...], device: torch.device,
+                 mixed: Callable[..., Trajectory] | None = None):
         self.runner, self.seed, self.latent_shape, self.device = runner, seed, tuple(latent_shape), device
+        self.mixed = mixed
 
-    def __call__(self, cond: TensorCond, sample_ids: Sequence[int], sigmas: torch.Tensor) -> Trajectory:
+    def __call__(self, cond: TensorCond, sample_ids: Sequence[int], sigmas: torch.Tensor,
+                 sde_steps: Sequence[int] | None = None) -> Trajectory:
         """The rollout of `sample_ids` from static buffers (CUDA graphs where possible)."""
+        if sde_steps is not None:
+            if self.mixed is None:
+                raise ValueError("an SDE-window rollout needs the eager runner (GraphRollout(mixed=...))")
+            self.runner._once("window", "kernels.cuda_graphs: SDE-window rollouts run eagerly (one captured step "
+                                        "has one sampler)")
+            return self.mixed(cond, sample_ids, sigmas, sde_steps)
         return self.runner.rollout(cond, PhiloxNoise(self.seed, sample_ids, self.latent_shape, self.device), sigmas)
