@@ -8,9 +8,11 @@ yifan123/flow_grpo@ac4c86e):
     loss   = policy + beta kl
 
 The mean runs over the kept samples only (Flow-GRPO removes zero-advantage samples before training, lines
-796-817); a chunk whose samples are all filtered still back-propagates a zero loss, so DeepSpeed's micro-step count
-per optimizer step stays fixed. Logged as flow_grpo logs: approx_kl = 0.5 mean (log ratio)^2, clipfrac (and > 1,
-< 1), policy_loss, kl_loss.
+796-817): `normalizer` is their count, over every rank divided by the world size when the micro-batch is split
+over ranks (DeepSpeed averages the ranks' gradients), so 1 rank x 2P prompts equals 2 ranks x P even when one
+rank's groups are all filtered; a chunk whose samples are all filtered still back-propagates a zero loss, so
+DeepSpeed's micro-step count per optimizer step stays fixed. Logged as flow_grpo logs: approx_kl = 0.5 mean
+(log ratio)^2, clipfrac (and > 1, < 1), policy_loss, kl_loss.
 """
 
 from __future__ import annotations
@@ -29,15 +31,17 @@ class GRPOTerms:
 
 
 def grpo_loss(logp: torch.Tensor, logp_old: torch.Tensor, advantages: torch.Tensor, keep: torch.Tensor, *,
-              clip_range: float, adv_clip: float, kl: torch.Tensor | None = None, beta: float = 0.0) -> GRPOTerms:
-    """The clipped policy loss (+ beta kl) of one chunk: logp [B] with grad, logp_old / advantages / keep [B]."""
+              clip_range: float, adv_clip: float, kl: torch.Tensor | None = None, beta: float = 0.0,
+              normalizer: float | None = None) -> GRPOTerms:
+    """The clipped policy loss (+ beta kl) of one chunk: logp [B] with grad, logp_old / advantages / keep [B];
+    `normalizer` = the kept samples the mean runs over (default: this chunk's own kept count)."""
     adv = torch.clamp(advantages.to(logp.dtype), -adv_clip, adv_clip)
     log_ratio = logp - logp_old.to(logp.dtype)
     ratio = torch.exp(log_ratio)
     unclipped = -adv * ratio
     clipped = -adv * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
     w = keep.to(logp.dtype)
-    n = w.sum().clamp_min(1.0)
+    n = w.sum().clamp_min(1.0) if normalizer is None else torch.as_tensor(max(normalizer, 1e-12), dtype=logp.dtype)
     policy = (torch.maximum(unclipped, clipped) * w).sum() / n
     loss = policy
     r = ratio.detach()

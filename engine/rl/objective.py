@@ -88,17 +88,22 @@ class GRPOObjective:
             local = torch.cat(rewards)
             ids = torch.tensor([i for m in micros for i in m.sample_ids], dtype=torch.float64)
             groups = torch.tensor([p for m in micros for p in m.prompt_ids], dtype=torch.float64)
-            packed = self.gather(torch.stack([ids, groups, local]).to(self.sigmas.device)).cpu()
+            index = torch.tensor([m.index for m in micros for _ in m.sample_ids], dtype=torch.float64)
+            packed = self.gather(torch.stack([ids, groups, index, local]).to(self.sigmas.device)).cpu()
+            world = packed.shape[1] // ids.numel()
             order = torch.argsort(packed[0])  # global sample-id order: the same numbers for any rank split
-            all_ids, all_groups, all_r = packed[0][order], packed[1][order], packed[2][order]
+            all_ids, all_groups, all_micro, all_r = (row[order] for row in packed)
             adv = group_advantages(all_r, all_groups.long().tolist(), per_prompt=self.cfg.per_prompt,
                                    global_std=self.cfg.global_std)
-            by_id = dict(zip(all_ids.long().tolist(), adv.tolist()))
+            keep_all = kept(adv) if self.cfg.filter_zero else torch.ones_like(adv, dtype=torch.bool)
+            by_id = dict(zip(all_ids.long().tolist(), zip(adv.tolist(), keep_all.tolist())))
             dev = self.sigmas.device
             for m in micros:
-                a = torch.tensor([by_id[i] for i in m.sample_ids], dtype=torch.float64, device=dev)
-                m.extra["advantages"] = a
-                m.extra["keep"] = kept(a) if self.cfg.filter_zero else torch.ones_like(a, dtype=torch.bool)
+                a, k = zip(*(by_id[i] for i in m.sample_ids))
+                m.extra["advantages"] = torch.tensor(a, dtype=torch.float64, device=dev)
+                m.extra["keep"] = torch.tensor(k, dtype=torch.bool, device=dev)
+                # the kept samples of this micro-batch on every rank, per rank (DeepSpeed averages over ranks)
+                m.extra["normalizer"] = float(keep_all[all_micro == m.index].sum()) / world
         zero = float((adv == 0).double().mean())
         out = {"reward": float(all_r.mean()), "reward_std": float(all_r.std(unbiased=False)), "zero_adv": zero}
         out.update({f"reward/{k}": sum(v) / len(v) for k, v in means.items()})
@@ -135,7 +140,7 @@ class GRPOObjective:
                     kl = sq / (2 * step.std**2)
                 terms = grpo_loss(step.log_prob, tr.logp_old, micro.extra["advantages"], micro.extra["keep"],
                                   clip_range=self.cfg.clip_range, adv_clip=self.cfg.adv_clip, kl=kl,
-                                  beta=self.cfg.beta)
+                                  beta=self.cfg.beta, normalizer=micro.extra["normalizer"])
             student_ok = torch.isfinite(v.detach().flatten(1)).all(1)
             with self.phase("student/backward", "red"):
                 backward(terms.loss)
