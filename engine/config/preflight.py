@@ -26,6 +26,8 @@ def check_paths(c: Config) -> list[str]:
     for i, t in enumerate(c.teachers):
         need(f"teachers[{i}].path ({t.name})", t.path, "adapter")
     need("init.adapter", c.init.adapter, "adapter")
+    for name, path in c.report.rows.items():
+        need(f"report.rows.{name}", path, "adapter")
     if not c.data.prompts.startswith("builtin:"):
         need("data.prompts", c.data.prompts, "prompt file")
     if c.data.encoder != "builtin" and find_world(c.data.encoder) is None:

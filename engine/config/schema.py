@@ -401,6 +401,8 @@ class ReportConfig:
     """Noise seeds of the final table (mean +- std over them; fixed per-sample noise)."""
     samples_per_prompt: int = 4
     """Samples per eval prompt in the final table (the quick curve subset uses 2 per every other prompt)."""
+    rows: dict[str, str] = field(default_factory=dict)
+    """Extra rows of the table: row name -> an adapter (PEFT dir or diffusers file), e.g. a GRPO-Mix student."""
 
     def problems(self) -> list[str]:
         """Impossible values of [report] (the world checks what it needs of the rest of the config)."""

@@ -111,7 +111,7 @@ class Row:
     """One row of the table: its cells, seed-0 samples and quick-subset values."""
     name: str
     kind: str
-    """base, expert, merge or student."""
+    """base, expert, merge, student or extra (`report.rows`)."""
     cells: dict[str, dict[str, float]]
     """column -> {"mean", "std"} over the seeds."""
     run_dir: str = ""
@@ -204,6 +204,9 @@ def measure_rows(config: Config, runs: Sequence[tuple[str, Config]]) -> list[Row
         export = Path(run.output_dir) / "export"
         load_adapter(model, f"_student_{i}", export)
         add(name, "student", f"_student_{i}", run.output_dir)
+    for i, (name, path) in enumerate(rep.rows.items()):  # `report.rows`: any other adapter, beside the targets
+        load_adapter(model, f"_row_{i}", resolve_path(path))
+        add(name, "extra", f"_row_{i}")
     return rows
 
 
