@@ -19,7 +19,7 @@ SAMPLERS = ("sde", "ode")
 MERGES = ("none", "average", "svd")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 ATTENTION = ("reference", "fused")
-ATTENTION_BACKENDS = ("sdpa", "flash", "xformers")
+ATTENTION_BACKENDS = ("auto", "sdpa", "sdpa-cudnn", "sdpa-flash", "sdpa-efficient", "sdpa-math", "flash", "xformers")
 FIELD_EVALUATORS = ("reference", "batched")
 LORA_INITS = ("gaussian", "default", "zeros")
 RESERVED_NAMES = ("base", "student")
@@ -67,7 +67,9 @@ class ModelConfig:
     attention: str = "reference"
     """Joint-attention implementation: reference (diffusers + peft) or fused (LoRA-fused processor)."""
     attention_backend: str = "sdpa"
-    """Attention kernel of the fused processor: sdpa, flash (flash-attn), xformers; falls back to sdpa."""
+    """Attention kernel: sdpa (torch's SDPA order), auto (SDPA with cuDNN > flash > efficient > math on Hopper), one
+    SDPA kernel (sdpa-cudnn, -flash, -efficient, -math), flash (flash-attn), xformers (fused processor only); a kernel
+    that cannot run falls back to sdpa with one log line."""
     gradient_checkpointing: bool = False
     """Recompute transformer blocks in the student's backward to save activation memory."""
     family: str = "sd3"

@@ -189,12 +189,14 @@ class SD3Backend:
 
     def install_attention(self, model: torch.nn.Module, kind: str, backend: str) -> None:
         """`fused`: the LoRA-fused joint-attention processor (engine/backends/sd3/attention.py); `reference`: as
-        loaded (diffusers' JointAttnProcessor2_0 with peft's LoRA layers)."""
-        if kind != "fused":
-            return
-        from engine.backends.sd3.attention import install_attention
+        loaded (diffusers' JointAttnProcessor2_0 with peft's LoRA layers), its SDPA call under `backend`'s kernel
+        choice unless that is `sdpa` (torch's own)."""
+        from engine.backends.sd3.attention import install_attention, install_reference
 
-        install_attention(model, backend=backend)  # FLOWOPD_BACKEND[_JOINT_ATTENTION]=torch: diffusers' processor
+        if kind == "fused":
+            install_attention(model, backend=backend)  # FLOWOPD_BACKEND[_JOINT_ATTENTION]=torch: diffusers' processor
+        elif backend != "sdpa":
+            install_reference(model, backend)
 
     def forward_flops(self, spec: ModelSpec, lora_rank: int | None, lora_targets: Sequence[str]) -> float:
         """MMDiT forward FLOPs per image (engine/backends/sd3/flops.py), LoRA on the attention projections."""
