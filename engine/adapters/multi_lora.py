@@ -27,6 +27,7 @@ from peft.tuners.lora import Linear as LoraLinear
 
 from engine.adapters.lora import STUDENT, adapter_names, lora_layers
 from engine.ops import lora_segmented
+from engine.transfer import device_ints, to_device
 
 # ----------------------------------------------------------------------------------------- segment batch
 
@@ -42,6 +43,10 @@ class SegmentBatch:
     rows: int
     present: frozenset[int] = field(default_factory=frozenset)
     """Slots with at least one row (known on the host, so no device read is needed to decide anything)."""
+    host_bounds: tuple[int, ...] = ()
+    """`seg_indptr` as known on the host when the batch was made (a padded batch's device copy may change later)."""
+    host_adapters: tuple[int, ...] = ()
+    """`seg_adapter` as known on the host when the batch was made."""
 
     @staticmethod
     def from_slots(slots: Sequence[int], device: torch.device | str, pad_to: int | None = None) -> SegmentBatch:
@@ -64,9 +69,13 @@ class SegmentBatch:
                 raise ValueError(f"{len(ids)} segments do not fit pad_to={pad_to}")
             bounds += [len(slots)] * (pad_to - len(ids))
             ids += [-1] * (pad_to - len(ids))
-        indptr = torch.tensor(bounds, dtype=torch.int32).to(device, non_blocking=True)
-        adapter = torch.tensor(ids, dtype=torch.int32).to(device, non_blocking=True)
-        return SegmentBatch(indptr, adapter, len(slots), frozenset(s for s in ids if s >= 0))
+        if pad_to is None:  # the same few row plans every step: device copies made once (engine/transfer.py)
+            indptr, adapter = device_ints(bounds, device, torch.int32), device_ints(ids, device, torch.int32)
+        else:  # fresh tensors: a padded batch's metadata is meant to be overwritten in place (graph replays)
+            indptr = to_device(torch.tensor(bounds, dtype=torch.int32), device)
+            adapter = to_device(torch.tensor(ids, dtype=torch.int32), device)
+        return SegmentBatch(indptr, adapter, len(slots), frozenset(s for s in ids if s >= 0), tuple(bounds),
+                            tuple(ids))
 
 
 # ---------------------------------------------------------------------------------------------- the layer

@@ -361,6 +361,9 @@ class TrainConfig:
     """Stop after this many consecutive steps with a non-finite loss or gradient (each is skipped)."""
     profile_steps: str = ""
     """`A:B`: bracket optimizer steps [A, B) with cudaProfilerStart/Stop for nsys --capture-range."""
+    phase_timing: bool = False
+    """Synchronise the GPU at every phase end so metrics.jsonl's time/<phase> are GPU seconds (one host sync per phase);
+    off: on CUDA time/<phase> is the host's issue time (step_s stays the step's wall time); on CPU both are equal."""
 
     def problems(self) -> list[str]:
         """Impossible values of [train]."""
