@@ -164,7 +164,8 @@ class Trainer:
         if self.config.opd.evaluator == "batched":
             from engine.fields.batched import BatchedFieldEvaluator
 
-            return BatchedFieldEvaluator(self.model, velocity, fields, self.uncond)
+            return BatchedFieldEvaluator(self.model, velocity, fields, self.uncond,
+                                         merge_rows=self.config.kernels.lora_merge_rows)
         return PeftFieldEvaluator(self.model, velocity, fields, self.uncond)
 
     def _build_rollout(self) -> Rollout:

@@ -9,8 +9,9 @@ every problem. `python -m engine.config --reference` generates docs/config.md fr
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
+
+from engine.config.checks import _finite, choice, need, need_num
 
 LOSSES = ("mse", "gkd", "kl_only")  # the built-in losses (engine/opd/losses.py registers them and any others)
 ROUTINGS = ("task", "step", "epoch")
@@ -21,33 +22,9 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 ATTENTION = ("reference", "fused")
 ATTENTION_BACKENDS = ("auto", "sdpa", "sdpa-cudnn", "sdpa-flash", "sdpa-efficient", "sdpa-math", "flash", "xformers")
 FIELD_EVALUATORS = ("reference", "batched")
+COMPILE = ("none", "blocks")
 LORA_INITS = ("gaussian", "default", "zeros")
 RESERVED_NAMES = ("base", "student")
-
-
-def choice(problems: list[str], where: str, value: str, valid: tuple[str, ...]) -> None:
-    """Append a problem when `value` is not one of `valid`."""
-    if value not in valid:
-        problems.append(f"{where} = {value!r}; valid: {', '.join(valid)}")
-
-
-def need(problems: list[str], where: str, value: object, ok: bool, rule: str) -> None:
-    """Append `<where> = <value>; <rule>` unless `ok`."""
-    if not ok:
-        problems.append(f"{where} = {value}; {rule}")
-
-
-def need_num(problems: list[str], where: str, value: float, ok: bool, rule: str) -> None:
-    """Append a problem when `value` is not finite, else when not `ok` (`<where> = <value>; <rule>`)."""
-    if _finite(problems, where, value):
-        need(problems, where, value, ok, rule)
-
-
-def _finite(problems: list[str], where: str, value: float) -> bool:
-    if not math.isfinite(value):
-        problems.append(f"{where} = {value}; must be a finite number")
-        return False
-    return True
 
 
 @dataclass
@@ -67,9 +44,10 @@ class ModelConfig:
     attention: str = "reference"
     """Joint-attention implementation: reference (diffusers + peft) or fused (LoRA-fused processor)."""
     attention_backend: str = "sdpa"
-    """Attention kernel: sdpa (torch's SDPA order), auto (SDPA with cuDNN > flash > efficient > math on Hopper), one
-    SDPA kernel (sdpa-cudnn, -flash, -efficient, -math), flash (flash-attn), xformers (fused processor only); a kernel
-    that cannot run falls back to sdpa with one log line."""
+    """sdpa (torch's SDPA order), auto (cuDNN > flash > efficient > math on Hopper), an SDPA kernel (sdpa-cudnn, -flash,
+    -efficient, -math), flash (flash-attn), xformers (fused only); one that cannot run falls back to sdpa (logged)."""
+    compile: str = "none"
+    """none, or blocks: torch.compile each transformer block (regional: one graph per block, shared by all of them)."""
     gradient_checkpointing: bool = False
     """Recompute transformer blocks in the student's backward to save activation memory."""
     family: str = "sd3"
@@ -81,6 +59,7 @@ class ModelConfig:
         choice(p, "model.dtype", self.dtype, DTYPES)
         choice(p, "model.attention", self.attention, ATTENTION)
         choice(p, "model.attention_backend", self.attention_backend, ATTENTION_BACKENDS)
+        choice(p, "model.compile", self.compile, COMPILE)
         need(p, "model.latent_size", self.latent_size, self.latent_size >= 0 and self.latent_size % 2 == 0,
              "must be 0 (preset default) or a positive even number")
         return p
@@ -403,11 +382,17 @@ class KernelsConfig:
     graph and replayed (eager on CPU or when capture fails). SDE step noise then comes from the in-kernel Philox
     stream, still keyed by (seed, sample id, step); switching this in a run changes the SDE noise."""
 
+    lora_merge_rows: int = 0
+    """Batched evaluator: a frozen adapter's segment of >= this many token rows (images x tokens) runs as one GEMM with
+    W + s B A merged instead of base GEMM + segmented LoRA; 0 = never (docs/multi_lora.md: crossover ~1k at 512 px)."""
+
     def problems(self) -> list[str]:
-        """Unknown ops and backends in [kernels]."""
+        """Unknown ops and backends in [kernels], a negative merge threshold."""
         from engine.ops import problems
 
-        return problems(self.default, self.backends)
+        p = problems(self.default, self.backends)
+        need(p, "kernels.lora_merge_rows", self.lora_merge_rows, self.lora_merge_rows >= 0, "must be >= 0 (0 = off)")
+        return p
 
 
 @dataclass
