@@ -134,7 +134,7 @@ class HostSyncCensus(TorchFunctionMode):
             ours = f.filename.startswith(self.root) and "/tests/" not in f.filename
             if i and not ours or f.filename in seen:
                 continue
-            name = str(Path(f.filename).relative_to(self.root)) if ours else "/".join(Path(f.filename).parts[-2:])
+            name = str(Path(f.filename).relative_to(self.root)) if ours else _short(f.filename)
             out.append(f"{name}:{f.lineno}")
             seen.add(f.filename)
             if len(out) == self.depth:
@@ -208,6 +208,13 @@ class HostSyncCensus(TorchFunctionMode):
         elif host and not device:
             self._tag(out)
         return out
+
+
+def _short(filename: str) -> str:
+    """A package file as `<package>/<path>` (after site-packages), else its last two path parts."""
+    parts = Path(filename).parts
+    cut = max((i for i, p in enumerate(parts) if p in ("site-packages", "dist-packages")), default=len(parts) - 3)
+    return "/".join(parts[cut + 1:])
 
 
 def _bool_index(args: tuple) -> bool:
