@@ -30,6 +30,7 @@ world holds 8 teachers for every K).
 
 from __future__ import annotations
 
+import os
 import statistics
 import subprocess
 import time
@@ -52,13 +53,11 @@ K_VALUES = (1, 2, 4, 8)
 # references first: ratios
 PROVIDERS = ("base", "peft-loop", "batched-triton", "batched-torch", "merged-segments", "merged")
 CFG = 4.5
-ROUNDS = 5 if CUDA else 3
+ROUNDS = int(os.environ.get("FLOWOPD_BENCH_ROUNDS", "5" if CUDA else "3"))
 _MEDIANS: dict[tuple[int, str], float] = {}
 
 
 def _q() -> int:
-    import os
-
     return int(os.environ.get("FLOWOPD_BENCH_Q", "4" if CUDA else "2"))
 
 
