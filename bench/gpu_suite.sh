@@ -16,15 +16,16 @@
 #   gate      25  import gate naming every missing module + versions, device, driver, commit -> env.json
 #   cuda      85  pytest -v -m cuda on the named kernel/attention/LoRA/graph test files (a module that fails to
 #                 import is reported, the others run: --continue-on-collection-errors)
-#   fast      90  bench/test_iteration.py -k fast: s/it, MFU, GPU seconds per phase, rollout mode, peak memory,
-#                 host-sync census by file:line -> bench-iteration.json
-#   probe     55  bench/gpu_probe.py: SDPA kernels at SD3.5-M shapes, checkpointing on vs off, LoRA merge
+#   fast      90  bench/test_iteration.py -k fast (1 warm-up, 3 rounds): s/it, MFU, GPU seconds per phase, rollout
+#                 mode, peak memory, host-sync census by file:line -> bench-iteration.json
+#   probe     45  bench/gpu_probe.py: SDPA kernels at SD3.5-M shapes, checkpointing on vs off, LoRA merge
 #                 crossover -> probe.json
-#   attention 30  bench/test_attention.py without torch.compile providers -> bench-attention.json
-#   teachers  45  bench/test_multi_teacher.py (K = 1, 2, 4, 8) -> bench-multi_teacher.json
+#   attention 40  bench/test_attention.py without torch.compile providers, 5 rounds -> bench-attention.json
+#   teachers  45  bench/test_multi_teacher.py (K = 1, 2, 4, 8; 2 rounds) -> bench-multi_teacher.json
 #   native    45  the csrc/ build started at the beginning (TORCH_CUDA_ARCH_LIST=9.0, cuobjdump of its cubins), the
 #                 cuda backend's parity tests, bench/test_sde_step.py -> bench-sde_step.json
-#   reference 65  bench/test_iteration.py -k reference -> bench-iteration-reference.json (fast/reference ratio)
+#   reference 65  bench/test_iteration.py -k reference (1 warm-up, 2 rounds, no census) -> bench-iteration-reference.json
+#                 (the fast/reference ratio)
 # At most 8 files come back, all at $OUT's top: suite.log env.json probe.json bench-{iteration,iteration-reference,
 # attention,multi_teacher,sde_step}.json. env.json is rewritten after every step (its "steps" table), the summary
 # table is the log's (and stdout's) last lines.
@@ -58,7 +59,7 @@ export PYTHONPATH="$ROOT:$SITE${PYTHONPATH:+:$PYTHONPATH}"
 STEPS=$WORK/steps.tsv
 : >"$STEPS"
 : >"$LOG"
-PLAN="wheels:30 gate:25 cuda:85 fast:90 probe:55 attention:30 teachers:45 native:45 reference:65"
+PLAN="wheels:30 gate:25 cuda:85 fast:90 probe:45 attention:40 teachers:45 native:45 reference:65"
 
 log() { echo "[gpu_suite +$((SECONDS - T0))s] $*" | tee -a "$LOG"; }
 
@@ -186,20 +187,22 @@ EOF
 # ---- CUDA numerics of the compiled kernels: named files, so one module that fails to import loses only itself
 step cuda 85 "$PY" -m pytest -v -m cuda -p no:cacheprovider --continue-on-collection-errors -rfEs \
   tests/test_sde_kernel.py tests/test_lora_segmented_kernel.py tests/test_qk_rmsnorm.py tests/test_fused_attention.py \
-  tests/test_multi_lora.py tests/test_multi_lora_merged.py tests/test_rollout_graph.py tests/test_compile_blocks.py
+  tests/test_multi_lora.py tests/test_multi_lora_merged.py tests/test_rollout_graph.py tests/test_host_syncs.py \
+  tests/test_compile_blocks.py
 
-rounds=3 warmup=2
-((DRY)) && rounds=1 warmup=1
+rounds=3 warmup=1  # the warm-up step holds Triton JIT, cuBLAS heuristics and the rollout graph's capture
+((DRY)) && rounds=1
 JSON=iteration FLOWOPD_BENCH_ROUNDS=$rounds FLOWOPD_BENCH_WARMUP=$warmup \
   bench fast 90 bench/test_iteration.py -k fast
 
-step probe 55 "$PY" bench/gpu_probe.py --out "$OUT/probe.json"
+step probe 45 "$PY" bench/gpu_probe.py --out "$OUT/probe.json"
 
 dry_k=()
 ((DRY)) && dry_k=(-k "fwd and not bwd and not dual")  # the CPU smoke: the forward cases of one block kind
-JSON=attention bench attention 30 bench/test_attention.py "${dry_k[@]}"
+JSON=attention FLOWOPD_BENCH_ROUNDS=$((rounds + 2)) bench attention 40 bench/test_attention.py "${dry_k[@]}"
 ((DRY)) && dry_k=(-k "1-")
-JSON=multi_teacher FLOWOPD_BENCH_ROUNDS=$rounds bench teachers 45 bench/test_multi_teacher.py "${dry_k[@]}"
+JSON=multi_teacher FLOWOPD_BENCH_ROUNDS=$((rounds > 2 ? 2 : rounds)) bench teachers 45 bench/test_multi_teacher.py \
+  "${dry_k[@]}"
 
 # ---- native: wait for the background build (its own timeouts end it), check its cubins, its parity, the SDE bench
 native_step() {
@@ -220,7 +223,7 @@ native_step() {
 export WORK PY OUT
 step native 45 bash -c "$(declare -f native_step); native_step"
 
-JSON=iteration-reference FLOWOPD_BENCH_ROUNDS=$((rounds > 2 ? 2 : rounds)) FLOWOPD_BENCH_WARMUP=1 \
+JSON=iteration-reference FLOWOPD_BENCH_ROUNDS=$((rounds > 2 ? 2 : rounds)) FLOWOPD_BENCH_WARMUP=1 FLOWOPD_BENCH_CENSUS=0 \
   bench reference 65 bench/test_iteration.py -k reference
 
 # ---- env into every benchmark JSON; the summary table (the last lines the device tool returns)

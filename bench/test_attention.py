@@ -66,6 +66,10 @@ PROVIDERS = [
     "ours-xformers",
 ]
 _MEDIANS: dict[tuple, float] = {}
+# timed rounds per group on a GPU (FLOWOPD_BENCH_ROUNDS sets all three: bench/gpu_suite.sh fits its step with 5)
+ROUNDS = {"block": 10, "qkv": 20, "attn": 20} if CUDA else {}
+if os.environ.get("FLOWOPD_BENCH_ROUNDS"):
+    ROUNDS = dict.fromkeys(("block", "qkv", "attn"), int(os.environ["FLOWOPD_BENCH_ROUNDS"]))
 
 
 @functools.cache
@@ -196,7 +200,7 @@ def test_block(benchmark, blocks, kind, seq, mode, provider):
             ref = blocks[dual](hs, enc, temb)
         for a, b in zip(ours, ref):
             assert (a.float() - b.float()).norm() <= 2e-2 * b.float().norm()
-    benchmark.pedantic(step, warmup_rounds=3, rounds=10 if CUDA else 3, iterations=1)
+    benchmark.pedantic(step, warmup_rounds=3, rounds=ROUNDS.get("block", 3), iterations=1)
     flops = block_flops(s_img, s_txt, dual, backward)
     eager_ref = (kind, seq, mode, "diffusers+peft")
     _record(benchmark, (kind, seq, mode, provider), flops, None if provider == "diffusers+peft" else eager_ref)
@@ -250,7 +254,7 @@ def test_qkv_projection(benchmark, blocks, seq, mode, provider):
                 fwd()
         _sync()
 
-    benchmark.pedantic(step, warmup_rounds=3, rounds=20 if CUDA else 3, iterations=1)
+    benchmark.pedantic(step, warmup_rounds=3, rounds=ROUNDS.get("qkv", 3), iterations=1)
     flops = 2 * BATCH * s_img * DIM * 3 * DIM * (2 if backward else 1)  # the plain GEMM's work: the yardstick
     ref = None if provider == "plain-gemm" else (seq, mode, "plain-gemm")
     _record(benchmark, (seq, mode, provider), flops, ref)
@@ -284,7 +288,7 @@ def test_attention_core(benchmark, seq, mode, backend):
                 sdpa.attention_bshd(q, k, v, backend)
         _sync()
 
-    benchmark.pedantic(step, warmup_rounds=3, rounds=20 if CUDA else 3, iterations=1)
+    benchmark.pedantic(step, warmup_rounds=3, rounds=ROUNDS.get("attn", 3), iterations=1)
     flops = 4 * BATCH * s * s * HEADS * HEAD_DIM * (3.5 if backward else 1)
     _record(benchmark, (seq, mode, backend), flops, None if backend == "sdpa" else (seq, mode, "sdpa"))
     benchmark.extra_info.update(batch=BATCH, seq=s, heads=HEADS, head_dim=HEAD_DIM, mode=mode)

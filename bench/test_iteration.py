@@ -23,15 +23,15 @@ Paths (both the real Trainer, differing only in config):
 
 Measured per path: WARMUP steps (FLOWOPD_BENCH_WARMUP), then ROUNDS timed steps (FLOWOPD_BENCH_ROUNDS) as a run
 makes them (`train.phase_timing` off: no sync at phase ends), then one step with phase timing on (the GPU seconds
-per phase) and one under the host-sync census (engine/host_syncs.py on real devices: every would-be copy, read
-and synchronising call by file:line). Reported (extra_info, and a line on stdout): s/iteration (median of the
-rounds), images/s, model TFLOP/s and MFU with FLOPs per DESIGN §3 (engine/flops.py: per modality, model FLOPs, no
-recomputation; identical for both paths), seconds and TFLOP/s per phase (the phase-timed step), the rounds'
-host-side phase seconds, the rollout's host issue time as a fraction of its wall time (fast path), the host-sync
-census, the speed-up over the reference when both ran in one session (else bench/gpu_suite.sh computes it from the
-two JSONs), peak memory. Peak for MFU: FLOWOPD_PEAK_TFLOPS, else 790 (dense bf16 GEMM measured on the H200,
-DESIGN §3) on H100/H200, else the GEMM rate measured in this run. Issue goals (bf16): fast >= 2.5x reference,
->= 50% MFU, rollout host overhead < 5% of GPU time.
+per phase) and one under the host-sync census (engine/host_syncs.py on real devices: every would-be copy, read and
+synchronising call by file:line; FLOWOPD_BENCH_CENSUS=0 skips it). Each step prints its time as it ends. Reported
+(extra_info, and a line on stdout): s/iteration (median of the rounds), images/s, model TFLOP/s and MFU with FLOPs
+per DESIGN §3 (engine/flops.py: per modality, model FLOPs, no recomputation; identical for both paths), seconds and
+TFLOP/s per phase (the phase-timed step), the rounds' host-side phase seconds, the rollout's host issue time as a
+fraction of its wall time (fast path), the host-sync census, the speed-up over the reference when both ran in one
+session (else bench/gpu_suite.sh computes it from the two JSONs), peak memory. Peak for MFU: FLOWOPD_PEAK_TFLOPS,
+else 790 (dense bf16 GEMM measured on the H200, DESIGN §3) on H100/H200, else the GEMM rate measured in this run.
+Issue goals (bf16): fast >= 2.5x reference, >= 50% MFU, rollout host overhead < 5% of GPU time.
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ RANK = 32 if CUDA else 4
 SMOKE = os.environ.get("FLOWOPD_BENCH_SMOKE") == "1" and not CUDA
 WARMUP = int(os.environ.get("FLOWOPD_BENCH_WARMUP", "2" if CUDA else "1"))  # graph capture, Triton JIT, cuBLAS
 ROUNDS = int(os.environ.get("FLOWOPD_BENCH_ROUNDS", "3"))
+CENSUS = os.environ.get("FLOWOPD_BENCH_CENSUS", "1") == "1"  # one extra step under the host-sync census
 DESIGN_PEAK_TFLOPS = 790.0  # DESIGN §3: dense bf16 GEMM measured on the H200 (KINDS.md: 769-798)
 RESULTS: dict[str, float] = {}  # path -> median s/iteration, for the speed-up line
 
@@ -144,8 +145,13 @@ def test_iteration(benchmark, path: str, peak: dict[str, object], tmp_path: Path
     trainer = Trainer(config)
     try:
         step = iter(range(10**6))
+
+        def progress(kind: str, row: dict) -> dict:  # one line per step: a step cut short by SIGINT keeps these
+            print(f"\n[iteration] {path} {kind} step {row['step']}: {row['step_s']:.3f} s", flush=True)
+            return row
+
         for _ in range(WARMUP):
-            trainer.train_step(next(step))
+            progress("warm-up", trainer.train_step(next(step)))
         if CUDA:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -157,19 +163,21 @@ def test_iteration(benchmark, path: str, peak: dict[str, object], tmp_path: Path
         def iteration() -> None:
             s = next(step)
             measured_steps.append(s)
-            rows.append(trainer.train_step(s))
+            rows.append(progress("timed", trainer.train_step(s)))
 
         benchmark.pedantic(iteration, rounds=ROUNDS, iterations=1)
         issued = (runner.issue_seconds - issued) if runner is not None else None
         peak_mem = torch.cuda.max_memory_allocated() / 2**30 if CUDA else None
         trainer.timer.sync = CUDA  # one step with the GPU synchronised at each phase end: GPU seconds per phase
-        timed = trainer.train_step(next(step))
+        timed = progress("phase-timed", trainer.train_step(next(step)))
         trainer.timer.sync = False
         census = HostSyncCensus(REPO, simulate=not CUDA)
-        with census:
-            if not CUDA:  # host memory on a GPU run: the prompt table, the data order's permutations
-                census.mark_host(*trainer.embeddings.table.tensors().values(), *trainer.sampler._perm_cache.values())
-            trainer.train_step(next(step))
+        if CENSUS:
+            with census:
+                if not CUDA:  # host memory on a GPU run: the prompt table, the data order's permutations
+                    census.mark_host(*trainer.embeddings.table.tensors().values(),
+                                     *trainer.sampler._perm_cache.values())
+                progress("census", trainer.train_step(next(step)))
         flops = _flops(trainer, config, measured_steps)
         mode = runner.last_mode if runner is not None else "eager (reference rollout)"
     finally:
@@ -198,6 +206,7 @@ def test_iteration(benchmark, path: str, peak: dict[str, object], tmp_path: Path
         "flops_by_modality": {m: sum(f[m] for f in flops.values()) / 1e12
                               for m in ("image", "text", "attention", "conditioning", "lora")},
         "rollout_mode": mode, "peak_mem_gib": peak_mem, "warmup_steps": WARMUP,
+        "host_syncs_censused": CENSUS,
         "host_syncs": {f"{kind} {site}": n for (kind, site), n in census.by_site().items()},
         "host_syncs_total": {k: census.count(k) for k in ("h2d", "d2h", "sync")},
         "host_syncs_engine": {k: census.count(k, "engine/") + census.count(k, "kernels/")

@@ -10,7 +10,8 @@ Kinds of event:
 - `d2h`: a device value read on the host: `.item()`, `.tolist()`, `float()`, `int()`, `bool()`, `.cpu()`,
   `.numpy()`, or an op whose output size depends on device data (`nonzero`, boolean-mask indexing, ...);
 - `sync`: an explicit `torch.cuda.synchronize()`; on CUDA also every call torch's sync debug mode flags
-  (`torch.cuda.set_sync_debug_mode("warn")`: pageable copies, allocator syncs, ...).
+  (`torch.cuda.set_sync_debug_mode("warn")`): a blocking copy or read there is its h2d / d2h event plus a `sync`,
+  a pinned non-blocking copy an h2d event only.
 
 On CUDA the devices are real. On a CPU-only machine (`simulate`, the default there) every tensor is on the CPU, so
 the census decides what *would* be on the GPU: tensors that existed before the block (model, trajectories) or that
@@ -25,6 +26,7 @@ the stack. Overhead: a TorchFunctionMode hook per top-level torch call (~10 us).
 
 from __future__ import annotations
 
+import sysconfig
 import traceback
 import warnings
 import weakref
@@ -44,6 +46,7 @@ _FROM_DATA = {"tensor", "as_tensor", "asarray"}
 _READS = {"item", "tolist", "__float__", "__int__", "__bool__", "__index__", "numpy", "cpu"}
 _DATA_DEPENDENT = {"nonzero", "masked_select", "unique", "unique_consecutive", "argwhere", "bincount"}
 _TORCH_DIR = str(Path(torch.__file__).parent)
+_STDLIB = sysconfig.get_paths()["stdlib"]  # warnings.py, contextlib.py: never where a sync comes from
 
 
 @dataclass(frozen=True)
@@ -127,7 +130,7 @@ class HostSyncCensus(TorchFunctionMode):
         """The innermost frame outside torch (repo-relative if in the repo, else `<package>/<file>:line`), then the
         innermost repo frames of other files (`depth` in all); test files do not count as repo frames."""
         frames = [f for f in reversed(traceback.extract_stack()[:-3])
-                  if f.filename != __file__ and not f.filename.startswith(_TORCH_DIR)]
+                  if f.filename != __file__ and not f.filename.startswith((_TORCH_DIR, _STDLIB))]
         out: list[str] = []
         seen: set[str] = set()
         for i, f in enumerate(frames):

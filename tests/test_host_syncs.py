@@ -92,3 +92,21 @@ def test_phase_timer_synchronises_only_when_asked(monkeypatch: pytest.MonkeyPatc
         assert len(calls) == expected and set(timer.pop()) == {"rollout", "fields"}
     cfg = load_config(REPO / "configs" / "tiny.toml", ["train.phase_timing=true"])
     assert cfg.train.phase_timing and not load_config(REPO / "configs" / "tiny.toml").train.phase_timing
+
+
+@pytest.mark.cuda
+def test_census_on_a_gpu_sees_blocking_and_non_blocking_transfers() -> None:
+    """Real devices: two copies (a pageable one and a pinned non-blocking one) and one read, which torch's sync
+    debug mode flags as a sync too; a cached device index (engine/transfer.py) is no copy at all."""
+    from engine.transfer import device_ints, to_device
+
+    dev = torch.ones(8, device="cuda")
+    device_ints([1, 2, 3], "cuda")  # made before the census: a cache hit inside it
+    with HostSyncCensus(REPO, simulate=False) as c:
+        torch.tensor([1, 2], device="cuda")
+        to_device(torch.arange(4), "cuda")
+        dev.sum().item()
+        dev[device_ints([1, 2, 3], "cuda")]
+    kinds = Counter(e.kind for e in c.events)
+    assert kinds["h2d"] == 2 and kinds["d2h"] == 1 and kinds["sync"] >= 1, c.events
+    assert all(e.site.startswith("tests/test_host_syncs.py:") for e in c.events), c.events

@@ -94,3 +94,20 @@ def test_merged_segments_in_bf16_within_twice_peft_error() -> None:
     for i, name in enumerate(ROWS):
         err, base = (got16[i].double() - exact[i]).abs().max(), (ref16[i] - exact[i]).abs().max()
         assert err <= 2 * base + 1e-2, f"row {i} ({name}): merged bf16 err {err:.3g} vs peft bf16 {base:.3g}"
+
+
+@pytest.mark.cuda
+def test_cuda_merged_segments_with_the_triton_op_in_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the GPU the runs between merged segments take the Triton segmented op; bf16 within 2x of peft's error."""
+    monkeypatch.setenv("FLOWOPD_BACKEND_LORA_SEGMENTED", "triton")
+    model32 = _model().cuda()
+    model16 = copy.deepcopy(model32).to(torch.bfloat16)
+    x, sigma, cond, uncond = _inputs()
+    x, sigma, cond, uncond = x.cuda(), sigma.cuda(), cond.to("cuda"), uncond.to("cuda")
+    with torch.no_grad():
+        exact = PeftFieldEvaluator(model32, V, FIELDS, uncond).velocities(x, sigma, cond, ROWS).double()
+        ref16 = PeftFieldEvaluator(model16, V, FIELDS, uncond).velocities(x, sigma, cond, ROWS).double()
+        got16 = BatchedFieldEvaluator(model16, V, FIELDS, uncond, merge_rows=60).velocities(x, sigma, cond, ROWS)
+    for i, name in enumerate(ROWS):
+        err, base = (got16[i].double() - exact[i]).abs().max(), (ref16[i] - exact[i]).abs().max()
+        assert err <= 2 * base + 1e-2, f"row {i} ({name}): merged bf16 err {err:.3g} vs peft bf16 {base:.3g}"
