@@ -91,7 +91,7 @@ class Trainer:
             torch.cuda.set_device(self.device)
         self.dtype = resolve_dtype(c.model.dtype, self.device)
         self.out = Path(c.output_dir)
-        self.timer = PhaseTimer(self.device)
+        self.timer = PhaseTimer(self.device, sync=c.train.phase_timing)
         self.comm = Collectives(self.rank, self.world, self.device)
         ops.configure(c.kernels.default, c.kernels.backends)
         self.hooks = hooks_from_env(self.rank)
@@ -168,7 +168,8 @@ class Trainer:
         if self.config.opd.evaluator == "batched":
             from engine.fields.batched import BatchedFieldEvaluator
 
-            return BatchedFieldEvaluator(self.model, velocity, fields, self.uncond)
+            return BatchedFieldEvaluator(self.model, velocity, fields, self.uncond,
+                                         merge_rows=self.config.kernels.lora_merge_rows)
         return PeftFieldEvaluator(self.model, velocity, fields, self.uncond)
 
     def _build_rollout(self) -> Rollout:
@@ -221,7 +222,7 @@ class Trainer:
             batch = self.sampler.batch(step, micro, pool, pool_key)
             data_crc = zlib.crc32(json.dumps(batch.sample_ids).encode(), data_crc)
             routes = self.router.route(step, batch.tasks)
-            cond = self.embeddings.cond(batch.texts).to(self.device)
+            cond = self.embeddings.cond(batch.texts).to(self.device, non_blocking=True)
             with self.timer.range("rollout", "green"):
                 traj = self.rollout(cond, batch.sample_ids, self.sigmas)
             queries = self.objective.queries(batch.sample_ids, c.train.seed)

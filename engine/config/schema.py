@@ -21,8 +21,9 @@ SAMPLERS = ("sde", "ode")
 MERGES = ("none", "average", "svd")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 ATTENTION = ("reference", "fused")
-ATTENTION_BACKENDS = ("sdpa", "flash", "xformers")
+ATTENTION_BACKENDS = ("auto", "sdpa", "sdpa-cudnn", "sdpa-flash", "sdpa-efficient", "sdpa-math", "flash", "xformers")
 FIELD_EVALUATORS = ("reference", "batched")
+COMPILE = ("none", "blocks")
 LORA_INITS = ("gaussian", "default", "zeros")
 RESERVED_NAMES = ("base", "student")
 
@@ -44,7 +45,10 @@ class ModelConfig:
     attention: str = "reference"
     """Joint-attention implementation: reference (diffusers + peft) or fused (LoRA-fused processor)."""
     attention_backend: str = "sdpa"
-    """Attention kernel of the fused processor: sdpa, flash (flash-attn), xformers; falls back to sdpa."""
+    """sdpa (torch's SDPA order), auto (cuDNN > flash > efficient > math on Hopper), an SDPA kernel (sdpa-cudnn, -flash,
+    -efficient, -math), flash (flash-attn), xformers (fused only); one that cannot run falls back to sdpa (logged)."""
+    compile: str = "none"
+    """none, or blocks: torch.compile each transformer block (regional: one graph per block, shared by all of them)."""
     gradient_checkpointing: bool = False
     """Recompute transformer blocks in the student's backward to save activation memory."""
     family: str = "sd3"
@@ -56,6 +60,7 @@ class ModelConfig:
         choice(p, "model.dtype", self.dtype, DTYPES)
         choice(p, "model.attention", self.attention, ATTENTION)
         choice(p, "model.attention_backend", self.attention_backend, ATTENTION_BACKENDS)
+        choice(p, "model.compile", self.compile, COMPILE)
         need(p, "model.latent_size", self.latent_size, self.latent_size >= 0 and self.latent_size % 2 == 0,
              "must be 0 (preset default) or a positive even number")
         return p
@@ -336,6 +341,9 @@ class TrainConfig:
     """Stop after this many consecutive steps with a non-finite loss or gradient (each is skipped)."""
     profile_steps: str = ""
     """`A:B`: bracket optimizer steps [A, B) with cudaProfilerStart/Stop for nsys --capture-range."""
+    phase_timing: bool = False
+    """Synchronise the GPU at every phase end so metrics.jsonl's time/<phase> are GPU seconds (one host sync per phase);
+    off: on CUDA time/<phase> is the host's issue time (step_s stays the step's wall time); on CPU both are equal."""
 
     def problems(self) -> list[str]:
         """Impossible values of [train]."""
@@ -375,11 +383,17 @@ class KernelsConfig:
     graph and replayed (eager on CPU or when capture fails). SDE step noise then comes from the in-kernel Philox
     stream, still keyed by (seed, sample id, step); switching this in a run changes the SDE noise."""
 
+    lora_merge_rows: int = 0
+    """Batched evaluator: a frozen adapter's segment of >= this many token rows (images x tokens) runs as one GEMM with
+    W + s B A merged instead of base GEMM + segmented LoRA; 0 = never (docs/multi_lora.md: crossover ~1k at 512 px)."""
+
     def problems(self) -> list[str]:
-        """Unknown ops and backends in [kernels]."""
+        """Unknown ops and backends in [kernels], a negative merge threshold."""
         from engine.ops import problems
 
-        return problems(self.default, self.backends)
+        p = problems(self.default, self.backends)
+        need(p, "kernels.lora_merge_rows", self.lora_merge_rows, self.lora_merge_rows >= 0, "must be >= 0 (0 = off)")
+        return p
 
 
 @dataclass
