@@ -13,16 +13,13 @@ from dataclasses import dataclass, field
 
 from engine.config.checks import choice, finite, need, need_num
 from engine.config.eval_schema import TrackingConfig, ValidationConfig
+from engine.config.opd import FIELD_EVALUATORS, LOSSES, QUERY_BIAS, ROUTINGS, OPDConfig  # noqa: F401 (re-exported)
 
-LOSSES = ("mse", "gkd", "kl_only")  # the built-in losses (engine/opd/losses.py registers them and any others)
-ROUTINGS = ("task", "step", "epoch")
-QUERY_BIAS = ("uniform", "low", "mid", "high")
 SAMPLERS = ("sde", "ode")
 MERGES = ("none", "average", "svd")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 ATTENTION = ("reference", "fused")
 ATTENTION_BACKENDS = ("auto", "sdpa", "sdpa-cudnn", "sdpa-flash", "sdpa-efficient", "sdpa-math", "flash", "xformers")
-FIELD_EVALUATORS = ("reference", "batched")
 COMPILE = ("none", "blocks")
 LORA_INITS = ("gaussian", "default", "zeros")
 RESERVED_NAMES = ("base", "student")
@@ -238,71 +235,6 @@ class RolloutConfig:
             p.append(f"rollout.noise_level = {self.noise_level}; must be > 0 for the sde sampler")
         need_num(p, "rollout.cfg_scale", self.cfg_scale, self.cfg_scale >= 0, "must be >= 0")
         need(p, "rollout.group_size", self.group_size, self.group_size >= 1, "must be >= 1")
-        return p
-
-
-@dataclass
-class OPDConfig:
-    """[opd]: loss, routing, anchor, query states, field evaluation."""
-    loss: str = "gkd"
-    """mse (DanceOPD velocity MSE), gkd (Flow-OPD transition KL), kl_only (Flow-OPD clipped-ratio objective)."""
-    routing: str = "task"
-    """task (hard per sample by task tag), step (one field per optimizer step, drawn by `weights`),
-    epoch (per-epoch alternation by dataset/task; `epoch_steps` steps each)."""
-    routes: dict[str, str] = field(default_factory=dict)
-    """task tag -> field name (routing task/epoch)."""
-    weights: dict[str, float] = field(default_factory=dict)
-    """field name -> sampling weight (routing step)."""
-    epoch_steps: int = 10
-    """Optimizer steps per epoch for routing = epoch."""
-    anchor: str = ""
-    """Field of the MAR anchor term (e.g. the base); empty = no anchor."""
-    beta: float = 0.04
-    """Weight of the anchor term."""
-    query_states: int = 0
-    """States per sample that the student is trained on: 0 = dense (every state but the last), else k."""
-    query_bias: str = "uniform"
-    """Where k states are drawn over the high->low-noise order: uniform, low (Beta(5,2), DanceOPD),
-    mid (Beta(3,3)), high (Beta(2,5))."""
-    student_cfg: float = 1.0
-    """Guidance applied to the student's velocity in the loss (Flow-OPD: both sides guided, 4.5)."""
-    clip_range: float = 1e-4
-    """PPO ratio clip of kl_only."""
-    adv_clip: float = 5.0
-    """Advantage clamp of kl_only: A = clamp(-kl, -adv_clip, adv_clip)."""
-    evaluator: str = "reference"
-    """Field evaluation: reference (one forward per field, peft adapters switched) or batched (one forward)."""
-
-    def problems(self, fields: list[str], rollout: RolloutConfig) -> list[str]:
-        """Impossible values of [opd] given the field names and the rollout."""
-        p: list[str] = []  # opd.loss names are checked against the loss registry (engine.config.load.validate)
-        choice(p, "opd.routing", self.routing, ROUTINGS)
-        choice(p, "opd.query_bias", self.query_bias, QUERY_BIAS)
-        choice(p, "opd.evaluator", self.evaluator, FIELD_EVALUATORS)
-        for task, name in self.routes.items():
-            if name not in fields:
-                p.append(f"opd.routes.{task} = {name!r}: unknown field; valid: {', '.join(fields) or '(none)'}")
-        for name, w in self.weights.items():
-            if name not in fields:
-                p.append(f"opd.weights.{name}: unknown field; valid: {', '.join(fields) or '(none)'}")
-            need_num(p, f"opd.weights.{name}", w, w >= 0, "must be >= 0")
-        if self.routing in ("task", "epoch") and not self.routes:
-            p.append(f"opd.routing = {self.routing!r} needs opd.routes (task -> field)")
-        if self.routing == "step" and (not self.weights or sum(self.weights.values()) <= 0):
-            p.append("opd.routing = 'step' needs opd.weights with a positive sum")
-        need(p, "opd.epoch_steps", self.epoch_steps, self.epoch_steps >= 1, "must be >= 1")
-        if self.anchor and self.anchor not in fields:
-            p.append(f"opd.anchor = {self.anchor!r}: unknown field; valid: {', '.join(fields) or '(none)'}")
-        need_num(p, "opd.beta", self.beta, self.beta >= 0, "must be >= 0")
-        top = max(rollout.steps - 1, 1)
-        need(p, "opd.query_states", self.query_states, 0 <= self.query_states <= top, f"must be 0 (dense) or 1..{top}")
-        need_num(p, "opd.student_cfg", self.student_cfg, self.student_cfg >= 0, "must be >= 0")
-        need_num(p, "opd.clip_range", self.clip_range, self.clip_range > 0, "must be > 0")
-        need_num(p, "opd.adv_clip", self.adv_clip, self.adv_clip > 0, "must be > 0")
-        if self.loss == "kl_only" and rollout.sampler != "sde":
-            p.append("opd.loss = 'kl_only' needs rollout.sampler = 'sde' (it re-scores the rollout's log-probs)")
-        if self.loss in ("gkd", "kl_only") and rollout.noise_level <= 0:
-            p.append(f"opd.loss = {self.loss!r} needs rollout.noise_level > 0 (the KL divides by s^2)")
         return p
 
 
