@@ -11,7 +11,7 @@ import torch
 _MASK = (1 << 64) - 1
 
 # purposes: distinct constants so streams never collide
-DATA, ROUTE, NOISE, QUERY, INIT = 1, 2, 3, 4, 5
+DATA, ROUTE, NOISE, QUERY, INIT, OFFPOLICY = 1, 2, 3, 4, 5, 6
 
 
 def _splitmix64(x: int) -> int:

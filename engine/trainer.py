@@ -42,6 +42,7 @@ from engine.files import RunDirLock, write_atomic
 from engine.hooks import hooks_from_env
 from engine.metrics import MetricsWriter
 from engine.opd.objective import ChunkResult, OPDObjective
+from engine.opd.query import num_candidates
 from engine.opd.routing import Router
 from engine.profiling import CudaProfilerWindow, PhaseTimer
 from engine.sampling.rollout import EagerRollout, Rollout
@@ -129,7 +130,7 @@ class Trainer:
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0
         )
-        chunks = c.opd.query_states or (c.rollout.steps - 1)
+        chunks = c.opd.query_states or num_candidates(c.rollout.steps, c.opd.query_candidates)
         universal = (self.resume_from is not None
                      and int(self.resume_from[1].get("world_size", self.world)) != self.world)
         ds = deepspeed_config(read_deepspeed_json(deepspeed_json(c)), rows=self.rows,
@@ -146,7 +147,9 @@ class Trainer:
                        for f in c.fields}
         self.evaluator = self._build_evaluator()
         self.rollout = self._build_rollout()
-        self.objective = OPDObjective(c.opd, c.rollout, self.evaluator, self.sigmas, self.timer.range)
+        self.objective = OPDObjective(c.opd, c.rollout, self.evaluator, self.sigmas, self.timer.range,
+                                      mix=self.router.mix, params=params, seed=c.train.seed,
+                                      latent_shape=self.spec.latent_shape)
 
         # ---- resume
         self.start_step = 0
@@ -211,7 +214,7 @@ class Trainer:
         """One optimizer step: every micro-batch's rollout and query chunks; returns its metrics row."""
         c = self.config
         t0 = time.perf_counter()
-        pool, pool_key = self.router.pool(step)
+        draw = self.router.draw(step)
         sums: dict[str, torch.Tensor] = {}
         per_field: dict[str, list[torch.Tensor]] = {}
         # inspected only when the step turns out non-finite, so a healthy step adds no host sync
@@ -219,15 +222,16 @@ class Trainer:
         data_crc = 0
         skipped_before = self.engine.skipped_steps
         for micro in range(c.train.grad_accum):
-            batch = self.sampler.batch(step, micro, pool, pool_key)
+            batch = self.sampler.batch(step, micro, draw.pool, draw.key, draw.pool_step)
             data_crc = zlib.crc32(json.dumps(batch.sample_ids).encode(), data_crc)
             routes = self.router.route(step, batch.tasks)
             cond = self.embeddings.cond(batch.texts).to(self.device, non_blocking=True)
             with self.timer.range("rollout", "green"):
-                traj = self.rollout(cond, batch.sample_ids, self.sigmas)
+                traj = self.objective.states(self.rollout, cond, batch.sample_ids, routes)
             queries = self.objective.queries(batch.sample_ids, c.train.seed)
             for j in range(self.objective.chunks):
-                res = self.objective.chunk(traj, queries, j, routes, cond, self.engine.backward)
+                res = self.objective.chunk(traj, queries, j, routes, cond, self.engine.backward,
+                                           self.objective.diagnose(step))
                 with self.timer.range("optimizer", "purple"):
                     self.engine.step()
                 checks.append(res)

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from engine.adapters.lora import DEFAULT_TARGETS
 from engine.config import Config, ConfigError, load_config
+from engine.config import opd as O
 from engine.config import schema as C
 from engine.ops import BACKENDS
 from engine.train import main
@@ -95,6 +96,10 @@ BAD_VALUES: dict[str, st.SearchStrategy[str]] = {
     "opd.beta": NEG_F, "opd.query_states": st.sampled_from(["-1", "6", "40"]), "opd.student_cfg": NEG_F,
     "opd.clip_range": NONPOS_F, "opd.adv_clip": NONPOS_F,
     "opd.routes": st.just('{ compose = "ghost" }'), "opd.weights": st.just('{ ghost = 1.0 }'),
+    "opd.query_candidates": _choice(O.QUERY_CANDIDATES), "opd.query_weighting": _choice(O.QUERY_WEIGHTINGS),
+    "opd.states": _choice(O.STATE_SOURCES), "opd.offpolicy_endpoint": _choice(O.OFFPOLICY_ENDPOINTS),
+    "opd.rkl_pathwise": NEG_F, "opd.grad_diagnostic": st.integers(-5, -1).map(str),
+    "opd.route_weights": st.just('{ ghost = 1.0 }'), "opd.epoch_counts": st.just('{ ghost = 1 }'),
     **{f"train.{k}": NEG for k in ("steps", "prompts_per_step", "grad_accum", "log_every", "keep_checkpoints",
                                    "max_nonfinite")},
     "train.lr": NONPOS_F, "train.weight_decay": NEG_F, "train.eps": NONPOS_F,
