@@ -17,13 +17,13 @@ import math
 import time
 import zlib
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
 from engine import ops
-from engine.adapters.export import export_adapter
 from engine.adapters.lora import STUDENT, freeze_for_training
 from engine.backends import get_backend
 from engine.backends.base import TensorCond
@@ -36,6 +36,7 @@ from engine.data.sampler import PromptSampler
 from engine.data.text import build_text_encoder
 from engine.distributed import Collectives, after_engine_init, init_distributed
 from engine.ds_config import deepspeed_config, read_deepspeed_json
+from engine.ema import StudentEMA
 from engine.fields.evaluator import FieldEvaluator, PeftFieldEvaluator
 from engine.fields.field import Field, student_field
 from engine.files import RunDirLock, write_atomic
@@ -47,7 +48,7 @@ from engine.opd.routing import Router
 from engine.profiling import CudaProfilerWindow, PhaseTimer
 from engine.sampling.rollout import EagerRollout, Rollout
 from engine.sampling.schedule import flow_match_sigmas
-from engine.student import build_student
+from engine.student import build_student, export_student, load_full_teachers
 
 log = logging.getLogger("flowopd")
 
@@ -140,9 +141,13 @@ class Trainer:
         after_engine_init(self.world)
         self.model = self.engine.module
         self.model.eval()  # SD3 has no dropout; eval() keeps peft's lora_dropout (0) and norms inert
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.ema = (StudentEMA(trainable, c.train.ema_decay, c.train.ema_every, c.train.grad_accum)
+                    if c.train.ema_decay > 0 else None)
 
         # ---- fields, rollout, objective
         self.uncond = self.embeddings.uncond.to(self.device)
+        self.full_teachers = load_full_teachers(c, self.backend, self.device, self.dtype)
         self.fields = {f.name: Field(f.name, None if f.source == "base" else f.source, f.cfg_scale, f.operator)
                        for f in c.fields}
         self.evaluator = self._build_evaluator()
@@ -172,8 +177,8 @@ class Trainer:
             from engine.fields.batched import BatchedFieldEvaluator
 
             return BatchedFieldEvaluator(self.model, velocity, fields, self.uncond,
-                                         merge_rows=self.config.kernels.lora_merge_rows)
-        return PeftFieldEvaluator(self.model, velocity, fields, self.uncond)
+                                         merge_rows=self.config.kernels.lora_merge_rows, models=self.full_teachers)
+        return PeftFieldEvaluator(self.model, velocity, fields, self.uncond, self.full_teachers)
 
     def _build_rollout(self) -> Rollout:
         c = self.config
@@ -191,11 +196,19 @@ class Trainer:
 
     def state_dict(self) -> dict[str, Any]:
         """The trainer's own resume state beside DeepSpeed's (the client state of a checkpoint)."""
-        return {"nonfinite_streak": self.nonfinite_streak}
+        return {"nonfinite_streak": self.nonfinite_streak, **({"ema": self.ema.state_dict()} if self.ema else {})}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore `state_dict()` from a checkpoint's client state."""
         self.nonfinite_streak = int(state.get("nonfinite_streak", 0))
+        if self.ema is not None and "ema" in state:
+            self.ema.load_state_dict(state["ema"])
+        elif self.ema is not None:  # EMA switched on in a resumed run: it starts from the resumed weights
+            log.warning("checkpoint has no EMA (train.ema_decay was 0 when it was written): the EMA starts now")
+
+    def ema_weights(self) -> AbstractContextManager:
+        """The EMA weights in the student inside the block when `train.ema_decay` > 0 (else a no-op)."""
+        return self.ema.applied() if self.ema is not None else nullcontext()
 
     @property
     def save_failures(self) -> int:
@@ -311,7 +324,8 @@ class Trainer:
         """Rank 0 writes the student to `<output_dir>/export` (PEFT dir + the family's diffusers file)."""
         if self.rank != 0:
             return None
-        return export_adapter(self.model, self.out / "export", self.backend, STUDENT)
+        with self.ema_weights():
+            return export_student(self.model, self.out / "export", self.backend)
 
     def train(self, callbacks: Sequence[StepCallback] = ()) -> list[dict[str, Any]]:
         """Run the remaining steps. Each callback is called as `cb(trainer, n)` with the number of finished steps:
@@ -329,6 +343,8 @@ class Trainer:
             self.hooks.hit("step.begin", step)
             self.profiler.before_step(step)
             row = self.train_step(step)
+            if self.ema is not None:
+                self.ema.update(step + 1)
             self.profiler.after_step(step)
             rows.append(row)
             self.hooks.hit("step.end", step)
@@ -338,8 +354,9 @@ class Trainer:
                 self.last_logged = row  # what the trackers see (engine/eval/callbacks.py)
             self.hooks.hit("step.logged", step)
             bar.set_postfix(loss=f"{row.get('loss', float('nan')):.4g}", img_s=f"{row['images_per_s']:.1f}")
-            for cb in callbacks:
-                cb(self, step + 1)
+            with self.ema_weights():  # the world's reward curve scores what eval and export use
+                for cb in callbacks:
+                    cb(self, step + 1)
             if (c.save_every and (step + 1) % c.save_every == 0) or step + 1 == c.steps:
                 self.save_checkpoint(step + 1, final=step + 1 == c.steps)
         self.export()

@@ -24,7 +24,7 @@ LAYERS: list[tuple[str, int]] = [
     ("engine.sampling", 8),
     ("engine.opd", 9), ("engine.rl", 9),
     ("engine.checkpoint", 10), ("engine.checkpointer", 10), ("engine.student", 10), ("engine.ds_config", 10),
-    ("engine.distributed", 10), ("engine.hooks", 10), ("engine.faults", 10), ("engine.metrics", 10),
+    ("engine.distributed", 10), ("engine.hooks", 10), ("engine.faults", 10), ("engine.metrics", 10), ("engine.ema", 10),
     ("engine.trainer", 11),
     ("engine.worlds.", 12), ("engine.eval", 12),
     ("engine.config", 13), ("engine.config.load", 13), ("engine.config.preflight", 13), ("engine.config.__main__", 13),

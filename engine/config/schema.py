@@ -152,6 +152,10 @@ class InitConfig:
     """Merge weights per teacher; empty = 1/K each."""
     adapter: str = ""
     """Initialise the student from this adapter (PEFT dir or diffusers file) instead, e.g. an SFT result."""
+    warm_start: bool = False
+    """DanceOPD's warm start: the cold start (`merge` or `adapter`) goes into the student's base instead of its
+    LoRA (a frozen adapter always active under the student; the teachers and the base field keep the clean base)
+    and the student LoRA starts fresh (B = 0). The export folds both into one adapter."""
 
     def problems(self, teachers: list[TeacherConfig], student: StudentConfig) -> list[str]:
         """Impossible values of [init] given the teachers and the student."""
@@ -170,6 +174,8 @@ class InitConfig:
             finite(p, f"init.weights[{i}]", w)
         if self.merge != "none" and self.adapter:
             p.append("init: set either `merge` or `adapter`, not both")
+        if self.warm_start and self.merge == "none" and not self.adapter:
+            p.append("init.warm_start = true needs a cold start to merge into the base: init.merge or init.adapter")
         if self.merge == "average":  # loaded teachers' ranks are checked when they are loaded
             merged = [t for t in teachers if t.random_seed >= 0 and (not self.teachers or t.name in self.teachers)]
             off = [f"{t.name} (rank {t.rank})" for t in merged if t.rank != student.rank]
@@ -276,6 +282,11 @@ class TrainConfig:
     phase_timing: bool = False
     """Synchronise the GPU at every phase end so metrics.jsonl's time/<phase> are GPU seconds (one host sync per phase);
     off: on CUDA time/<phase> is the host's issue time (step_s stays the step's wall time); on CPU both are equal."""
+    ema_decay: float = 0.0
+    """EMA of the student's LoRA weights (engine/ema.py), Flow-GRPO's rule: decay min((1 + n) / (10 + n),
+    ema_decay) after finished step n; 0 = off (Flow-OPD: 0.9). When on, export and the world's eval use it."""
+    ema_every: int = 8
+    """Apply the EMA update when (n + 1) % ema_every == 0 (Flow-OPD: 8)."""
 
     def problems(self) -> list[str]:
         """Impossible values of [train]."""
@@ -292,6 +303,8 @@ class TrainConfig:
         need(p, "train.save_every", self.save_every, self.save_every >= 0, "must be >= 0")
         need(p, "train.keep_checkpoints", self.keep_checkpoints, self.keep_checkpoints >= 1, "must be >= 1")
         need(p, "train.max_nonfinite", self.max_nonfinite, self.max_nonfinite >= 1, "must be >= 1")
+        need_num(p, "train.ema_decay", self.ema_decay, 0 <= self.ema_decay < 1, "must be in [0, 1) (0 = off)")
+        need(p, "train.ema_every", self.ema_every, self.ema_every >= 1, "must be >= 1")
         if self.profile_steps:
             try:
                 a, b = (int(x) for x in self.profile_steps.split(":"))

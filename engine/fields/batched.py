@@ -5,6 +5,9 @@ lays out the rows of all fields with the row plan (a CFG field contributes a con
 rows grouped by adapter slot), runs one forward with the segmented layers of `engine.adapters.multi_lora` active,
 and combines CFG afterwards.
 
+Rows of a field with a model of its own (a full-checkpoint teacher, `models`) run in that model's forward, apart
+from the batched one.
+
 Gradients: with grad enabled, rows of the trainable (student) adapter are by default evaluated in their own
 forward and the frozen fields in one no-grad batched forward (`fuse_grad=False`). Fusing them makes autograd
 keep activations for and back-propagate through every frozen row too, which costs (rows_total / rows_student)
@@ -13,7 +16,7 @@ x the student's backward; at K routed CFG teachers + anchor that is 4x at K = 1 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
 
 import torch
@@ -47,8 +50,9 @@ class BatchedFieldEvaluator(PeftFieldEvaluator):
         reference: bool = False,
         fuse_grad: bool = False,
         merge_rows: int = 0,
+        models: Mapping[str, torch.nn.Module] | None = None,
     ):
-        super().__init__(model, velocity, fields, uncond)
+        super().__init__(model, velocity, fields, uncond, models)
         self.reference = reference
         self.fuse_grad = fuse_grad
         self.state = install_multi_lora(model, trainable, merge_rows=merge_rows)
@@ -74,12 +78,14 @@ class BatchedFieldEvaluator(PeftFieldEvaluator):
         fields = [self.field(r) for r in rows]
         split = torch.is_grad_enabled() and not self.fuse_grad
         grad_names = {f.name for f in fields if split and self._trainable_field(f)}
-        batched = [i for i, f in enumerate(fields) if f.name not in grad_names]
+        # full-checkpoint teachers are other models: their rows run in their own forward, after the batched one
+        own = {f.name for f in fields if f.adapter is not None and f.adapter in self.models}
+        batched = [i for i, f in enumerate(fields) if f.name not in grad_names | own]
         parts: list[tuple[list[int], torch.Tensor]] = []
         if batched:
             with torch.no_grad() if split else nullcontext():
                 parts += self._batched(x, sigma, cond, fields, batched)
-        for name in dict.fromkeys(f.name for f in fields if f.name in grad_names):
+        for name in dict.fromkeys(f.name for f in fields if f.name in grad_names | own):
             idx = [i for i, f in enumerate(fields) if f.name == name]
             parts.append((idx, self.field_velocity(self.field(name), take(x, idx), take(sigma, idx), take(cond, idx))))
         v0 = parts[0][1]
