@@ -7,9 +7,11 @@ calls `ema.step(params, global_step)` after each rollout micro-batch's training 
 counts finished optimizer steps. With A micro-batches per optimizer step those are A calls between two updates,
 all with the same weights and the same n (one right after the update that made n, A - 1 before the next), so
 after finished step n the EMA moves A times: ema = p + d_n^A (ema - p). `StudentEMA.update(n)` does exactly that
-with A = `train.grad_accum` (A = 1: one update per optimizer step). Eval and checkpoints use the EMA weights
-(`copy_ema_to` ... `copy_temp_to` around `eval` / `save_ckpt`, :441-542, :556-560): here the export, the step
-callbacks (the world's reward curve) and the report (which measures the export) do, through `applied()`.
+with A = `train.ema_repeats` (Flow-OPD's 8-GPU config: A = 4, its 8 micro-batches of 4 images make 2 optimizer
+steps per epoch; this engine's micro-batch holds whole prompt groups, so A is its own key; 1 = one move per step).
+Eval and checkpoints use the EMA weights (`copy_ema_to` ... `copy_temp_to` around `eval` / `save_ckpt`, :441-542,
+:556-560): here the export, the step callbacks (the world's reward curve) and the report (which measures the
+export) do, through `applied()`.
 
 The EMA is resume state: `state_dict()` rides in the checkpoint's client state, so a resumed run continues the same
 average bit for bit. Memory: one float32 copy of the LoRA parameters.
@@ -27,11 +29,11 @@ import torch
 class StudentEMA:
     """The exponential moving average of the student's trainable parameters."""
 
-    def __init__(self, params: Sequence[torch.nn.Parameter], decay: float, every: int, micro_batches: int = 1):
+    def __init__(self, params: Sequence[torch.nn.Parameter], decay: float, every: int, repeats: int = 1):
         if not 0 < decay < 1:
             raise ValueError(f"EMA decay {decay} must be in (0, 1)")
         self.params = list(params)
-        self.decay, self.every, self.micro_batches = decay, every, micro_batches
+        self.decay, self.every, self.repeats = decay, every, repeats
         self.shadow = [p.detach().float().clone() for p in self.params]
 
     def decay_at(self, n: int) -> float:
@@ -40,11 +42,11 @@ class StudentEMA:
 
     @torch.no_grad()
     def update(self, n: int) -> bool:
-        """After finished optimizer step n: move the EMA toward the weights when (n + 1) % every == 0 (A times,
-        A = micro-batches per step, as the reference's per-micro-batch calls do); True when it moved."""
+        """After finished optimizer step n: move the EMA toward the weights when (n + 1) % every == 0 (`repeats`
+        times, as the reference's per-micro-batch calls do); True when it moved."""
         if (n + 1) % self.every:
             return False
-        keep = self.decay_at(n) ** self.micro_batches
+        keep = self.decay_at(n) ** self.repeats
         for s, p in zip(self.shadow, self.params):
             s.mul_(keep).add_(p.detach().float(), alpha=1 - keep)
         return True

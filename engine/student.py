@@ -12,8 +12,9 @@ nothing written (except `export_student`, which writes the export).
   base reproduces the student.
 - Full-checkpoint teachers (`[[teachers]] path` = a transformer dir, DanceOPD's realism teacher, :97-113): a second
   frozen model loaded through the family's `ModelBackend.load`, cast to the run's device and dtype, evaluated in its
-  own forward (engine/fields/evaluator.py `models`). Memory: its parameters once more (SD3.5-M: 2.47 G parameters,
-  4.9 GB in bf16) plus its activations during its no-grad forward; its rows never share the batched forward.
+  own forward (engine/fields/evaluator.py `models`). Memory: its parameters once more (SD3.5-M: 2.24 G parameters,
+  4.5 GB in bf16, counted on the meta device) plus its activations during its no-grad forward; its rows never
+  share the batched forward.
 """
 
 from __future__ import annotations

@@ -142,7 +142,7 @@ class Trainer:
         self.model = self.engine.module
         self.model.eval()  # SD3 has no dropout; eval() keeps peft's lora_dropout (0) and norms inert
         trainable = [p for p in self.model.parameters() if p.requires_grad]
-        self.ema = (StudentEMA(trainable, c.train.ema_decay, c.train.ema_every, c.train.grad_accum)
+        self.ema = (StudentEMA(trainable, c.train.ema_decay, c.train.ema_every, c.train.ema_repeats)
                     if c.train.ema_decay > 0 else None)
 
         # ---- fields, rollout, objective

@@ -92,6 +92,15 @@ def run_overrides(row: Ablation, seed: int, out: Path, scale: float) -> list[str
             "report.eval_every=0", "experiment.variants={}", f'output_dir="{out}"']
 
 
+def step_seconds(out: Path) -> float:
+    """The run's training time: the sum of its steps' `step_s` in metrics.jsonl (the last line per step: a resumed
+    run logs the steps after its checkpoint again), without start-up and export."""
+    from engine.metrics import read_metrics
+
+    steps = {row["step"]: row["step_s"] for row in read_metrics(out / "metrics.jsonl")}
+    return float(sum(steps.values()))
+
+
 def _done(out: Path) -> bool:
     return (out / "ablation_done.json").is_file() and (out / "export" / "adapter_model.safetensors").is_file()
 
@@ -209,11 +218,13 @@ def main(argv: list[str] | None = None) -> int:
     table = measure([j for j in jobs if _done(j[2])], args.steps_scale)
     text = markdown(table, rows)
     total = time.perf_counter() - t0
-    run_s = [json.loads((j[2] / "ablation_done.json").read_text())["wall_s"] for j in jobs if _done(j[2])]
-    footer = (f"\n{len(run_s)} runs ({len(rows)} rows x seeds {args.seeds}), steps x {args.steps_scale:g}; "
-              f"per run {np.mean(run_s):.0f} s mean ({min(run_s):.0f}-{max(run_s):.0f} s) on one thread; "
-              f"this invocation: {train_s:.0f} s training ({len(times)} runs, {args.jobs} side by side), "
-              f"{total - train_s:.0f} s measuring.\n")
+    run_s = [step_seconds(j[2]) for j in jobs if _done(j[2])]
+    footer = (f"\n{len(run_s)} runs ({len(rows)} rows x seeds {args.seeds}), train.steps x {args.steps_scale:g} "
+              f"(Flow-OPD rows {_steps(rows[0], args.steps_scale)}, DanceOPD rows "
+              f"{_steps(Ablation('', '', tuple(DANCE)), args.steps_scale)} steps); training time per run (sum of "
+              f"step_s, one thread, a shared 2-core machine) {np.mean(run_s):.0f} s mean ({min(run_s):.0f}-"
+              f"{max(run_s):.0f} s), {sum(run_s) / 3600:.1f} h in all; this invocation: {train_s:.0f} s training "
+              f"({len(times)} runs, {args.jobs} side by side), {total - train_s:.0f} s measuring.\n")
     (out / "table.md").write_text(text + footer)
     (out / "table.json").write_text(json.dumps({"rows": table, "seeds": args.seeds, "steps_scale": args.steps_scale,
                                                 "run_wall_s": run_s}, indent=1) + "\n")

@@ -65,7 +65,7 @@ def test_ema_is_flow_opds_per_micro_batch_rule(accum: int) -> None:
     gen = torch.Generator().manual_seed(0)
     p = [torch.nn.Parameter(torch.randn(5, 3, generator=gen)), torch.nn.Parameter(torch.randn(7, generator=gen))]
     ref = FlowGrpoEMA(p, 0.9, 8)
-    ours = StudentEMA(p, 0.9, 8, micro_batches=accum)
+    ours = StudentEMA(p, 0.9, 8, repeats=accum)
     global_step = 0
     for _ in range(40):  # optimizer steps
         for i in range(accum):

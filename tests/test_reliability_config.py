@@ -100,7 +100,7 @@ BAD_VALUES: dict[str, st.SearchStrategy[str]] = {
     "opd.states": _choice(O.STATE_SOURCES), "opd.offpolicy_endpoint": _choice(O.OFFPOLICY_ENDPOINTS),
     "opd.rkl_pathwise": NEG_F, "opd.grad_diagnostic": st.integers(-5, -1).map(str),
     "opd.route_weights": st.just('{ ghost = 1.0 }'), "opd.epoch_counts": st.just('{ ghost = 1 }'),
-    "train.ema_decay": st.sampled_from(["1.0", "1.5", "-0.1"]), "train.ema_every": NEG,
+    "train.ema_decay": st.sampled_from(["1.0", "1.5", "-0.1"]), "train.ema_every": NEG, "train.ema_repeats": NEG,
     **{f"train.{k}": NEG for k in ("steps", "prompts_per_step", "grad_accum", "log_every", "keep_checkpoints",
                                    "max_nonfinite")},
     "train.lr": NONPOS_F, "train.weight_decay": NEG_F, "train.eps": NONPOS_F,

@@ -36,7 +36,9 @@ class ModelConfig:
     init_seed: int = 0
     """Seed of the random init of a preset model (ignored when loading `path`)."""
     dtype: str = "auto"
-    """Parameter/compute dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16."""
+    """Parameter/compute dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16 (CUDA only:
+    DeepSpeed fp16, loss scaling, fp32 master LoRA; for kl_only / rkl_pg its log-prob error is ~7x below bf16's,
+    docs/fidelity.md)."""
     latent_size: int = 0
     """Latent height = width; 0 = the preset's default (SD3: pixel size / 8, e.g. 64 at 512 px)."""
     attention: str = "reference"
@@ -287,6 +289,9 @@ class TrainConfig:
     ema_decay) after finished step n; 0 = off (Flow-OPD: 0.9). When on, export and the world's eval use it."""
     ema_every: int = 8
     """Apply the EMA update when (n + 1) % ema_every == 0 (Flow-OPD: 8)."""
+    ema_repeats: int = 1
+    """EMA moves per due step: Flow-OPD calls its EMA after every rollout micro-batch, i.e. A times per optimizer
+    step (ema = p + d^A (ema - p); A = 4 in its 8-GPU config: 8 micro-batches, 2 optimizer steps per epoch)."""
 
     def problems(self) -> list[str]:
         """Impossible values of [train]."""
@@ -305,6 +310,7 @@ class TrainConfig:
         need(p, "train.max_nonfinite", self.max_nonfinite, self.max_nonfinite >= 1, "must be >= 1")
         need_num(p, "train.ema_decay", self.ema_decay, 0 <= self.ema_decay < 1, "must be in [0, 1) (0 = off)")
         need(p, "train.ema_every", self.ema_every, self.ema_every >= 1, "must be >= 1")
+        need(p, "train.ema_repeats", self.ema_repeats, self.ema_repeats >= 1, "must be >= 1")
         if self.profile_steps:
             try:
                 a, b = (int(x) for x in self.profile_steps.split(":"))

@@ -160,7 +160,8 @@ def kl_only_loss(cfg: OPDConfig, v_student: torch.Tensor, v_target: torch.Tensor
 
 def group_normalise(r: torch.Tensor, group_size: int, eps: float = 1e-4) -> torch.Tensor:
     """(r - mean_g) / (std_g + eps) per consecutive group of `group_size` rows (population std), Flow-GRPO's
-    per-prompt advantage (flow_grpo/stat_tracking.py: `(rewards - mean) / (std + 1e-4)`)."""
+    per-prompt advantage with per-prompt std (flow_grpo/stat_tracking.py:25-31; its `global_std` option, which
+    Flow-OPD sets, divides by the std of the whole batch instead)."""
     if r.shape[0] % group_size:
         raise ValueError(f"{r.shape[0]} rows do not split into prompt groups of {group_size}")
     g = r.reshape(-1, group_size)
