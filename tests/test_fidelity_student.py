@@ -222,9 +222,11 @@ def test_warm_start_merges_under_the_student_and_keeps_the_other_fields_clean(tm
                 torch.testing.assert_close(delta, mean, rtol=1e-5, atol=1e-7)  # float32 storage of the factors
 
 
-def test_warm_started_student_exports_as_one_adapter_on_the_clean_base(tmp_path: Path) -> None:
+@pytest.mark.parametrize("fast", [[], ["opd.evaluator='batched'", "model.attention='fused'"]],
+                         ids=["reference", "batched_fused"])
+def test_warm_started_student_exports_as_one_adapter_on_the_clean_base(tmp_path: Path, fast: list[str]) -> None:
     trainer, rows = run(tmp_path / "w", ["init.warm_start=true", "init.merge='svd'", "train.steps=2",
-                                         "train.save_every=0", "train.lr=3e-3"])
+                                         "train.save_every=0", "train.lr=3e-3", *fast])
     model = trainer.model
     x, sigma, cond = tiny_inputs(b=3, seed=4)
     AdapterSwitch(model).activate(STUDENT)
@@ -237,3 +239,17 @@ def test_warm_started_student_exports_as_one_adapter_on_the_clean_base(tmp_path:
     assert any(layer.lora_B[STUDENT].weight.abs().max() > 0 for layer in lora_layers(model) if STUDENT in layer.lora_B)
     assert all(not p.requires_grad for layer in lora_layers(model) if WARM in layer.lora_A
                for p in layer.lora_A[WARM].parameters())
+
+
+# ------------------------------------------------------------------------------------- gradient diagnostic
+
+
+def test_gradient_diagnostic_leaves_training_unchanged(tmp_path: Path) -> None:
+    """autograd.grad of the two parts must not reach DeepSpeed's gradient buffers: same loss and grad norm."""
+    common = ["opd.loss='kl_only'", "train.steps=3", "train.save_every=0"]
+    _, plain = run(tmp_path / "plain", common)
+    _, diag = run(tmp_path / "diag", [*common, "opd.grad_diagnostic=2"])
+    for a, b in zip(plain, diag):
+        assert (a["loss"], a["grad_norm"]) == (b["loss"], b["grad_norm"])
+    assert {"grad/pathwise", "grad/score", "grad/cos"} <= set(diag[0]) and "grad/cos" not in diag[1]
+    assert diag[0]["grad/pathwise"] > 0 and diag[0]["grad/score"] > 0
