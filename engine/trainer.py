@@ -153,7 +153,7 @@ class Trainer:
         self.evaluator = self._build_evaluator()
         self.rollout = self._build_rollout()
         self.objective = OPDObjective(c.opd, c.rollout, self.evaluator, self.sigmas, self.timer.range,
-                                      mix=self.router.mix, params=params, seed=c.train.seed,
+                                      mix=self.router.mix, params=trainable, seed=c.train.seed,
                                       latent_shape=self.spec.latent_shape)
 
         # ---- resume

@@ -275,9 +275,10 @@ def report_markdown(config: Config, runs: Sequence[tuple[str, Config]], rows: Se
     ]
     for name, run in runs:
         o, r = run.opd, run.rollout
-        q = "dense" if o.query_states == 0 else f"{o.query_states} ({o.query_bias})"
+        q = ("dense" if o.query_states == 0 else f"{o.query_states} ({o.query_bias})") + f" of {o.query_candidates}"
         anchor = f", anchor {o.anchor} (beta {o.beta:g})" if o.anchor and o.beta > 0 else ""
-        lines.append(f"- {name}: loss {o.loss}, {r.sampler} rollouts (cfg {r.cfg_scale:g}), query states {q}"
+        lines.append(f"- {name}: loss {o.loss}, routing {o.routing}, {r.sampler} rollouts (cfg {r.cfg_scale:g}), "
+                     f"query states {q}"
                      f"{anchor}, {run.train.steps} steps x {run.train.prompts_per_step * r.group_size} images, "
                      f"lr {run.train.lr:g}, init {run.init.merge}; run dir {run.output_dir}")
     lines += ["", f"Targets ({met}/{len(targets)} met):", ""]
