@@ -337,8 +337,9 @@ class Trainer:
         bar = tqdm(range(self.start_step, c.steps), initial=self.start_step, total=c.steps, desc="opd",
                    disable=self.rank != 0, dynamic_ncols=True)
         if self.start_step == 0:
-            for cb in callbacks:
-                cb(self, 0)
+            with self.ema_weights():
+                for cb in callbacks:
+                    cb(self, 0)
         for step in bar:
             self.hooks.hit("step.begin", step)
             self.profiler.before_step(step)
