@@ -110,6 +110,8 @@ def test_mode_specific_requirements() -> None:
     with pytest.raises(ConfigError, match=r"opd.query_states = 7; must be 0 \(dense\) or 1..6"):
         load_config(TINY, ["opd.query_states=7", "opd.query_candidates='all'"])
     load_config(TINY, ["opd.query_states=6", "opd.query_candidates='all'"])  # all T = 6 step inputs
+    with pytest.raises(ConfigError, match=r"routed task\(s\) \['ocr'\] have no prompts"):
+        load_config(TINY, ["opd.routing='step'", "opd.routes={compose='compose', ocr='text'}"], paths=True)
     with pytest.raises(ConfigError, match="opd.query_states = 9"):
         load_config(TINY, ["opd.query_states=9"])
 

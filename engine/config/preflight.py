@@ -96,4 +96,8 @@ def _check_prompts(c: Config) -> list[str]:
     if o.routing == "epoch" and o.routes and not set(tasks) & set(o.routes):
         return [f"opd.routes: no task of data.prompts ({tasks}) has a route, so routing = 'epoch' has nothing to "
                 f"train on"]
+    buckets = [t for t, n in o.epoch_counts.items() if n > 0] if o.routing == "epoch" and o.epoch_counts else o.routes
+    if o.routing in ("step", "epoch") and (empty := sorted(t for t in buckets if t not in tasks)):
+        return [f"opd.routing = {o.routing!r} draws each step from one route's prompts: routed task(s) {empty} have "
+                f"no prompts in data.prompts (tasks: {tasks})"]
     return []
