@@ -44,6 +44,7 @@ from engine.metrics import MetricsWriter
 from engine.opd.objective import ChunkResult, OPDObjective
 from engine.opd.routing import Router
 from engine.profiling import CudaProfilerWindow, PhaseTimer
+from engine.resume import ResumePolicy
 from engine.sampling.rollout import EagerRollout, Rollout
 from engine.sampling.schedule import flow_match_sigmas
 from engine.student import build_student
@@ -78,7 +79,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 class Trainer:
     """One run of one student: build everything from the config, resume if a checkpoint exists, train, export."""
 
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, resume: ResumePolicy | None = None):
         import deepspeed
 
         self.config = c = config
@@ -96,9 +97,10 @@ class Trainer:
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
             self.lock = RunDirLock(self.out)
-            write_atomic(self.out / "config.toml", to_toml(c))
-        self.checkpointer = Checkpointer(c, self.comm, self.hooks)
+        self.checkpointer = Checkpointer(c, self.comm, self.hooks, resume)
         self.resume_from = self.checkpointer.find()
+        if self.rank == 0:  # only now: a re-run refused above leaves the record of the run it would have mixed with
+            write_atomic(self.out / "config.toml", to_toml(c))
 
         # ---- model, data (embeddings cached once: rank 0 builds, the others read)
         self.backend = get_backend(c.model.family)
