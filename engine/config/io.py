@@ -88,7 +88,10 @@ def _convert(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
             return value
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
-            return value
+            if -(1 << 63) <= value < 1 << 63:
+                return value
+            problems.append(f"{where} = {value}; does not fit in 64 bits (TOML integers are 64-bit signed)")
+            return None
     elif tp is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
             return float(value)

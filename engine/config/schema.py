@@ -9,8 +9,9 @@ every problem. `python -m engine.config --reference` generates docs/config.md fr
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
+
+from engine.config.rules import choice, finite, need, need_num, need_seed
 
 LOSSES = ("mse", "gkd", "kl_only")  # the built-in losses (engine/opd/losses.py registers them and any others)
 ROUTINGS = ("task", "step", "epoch")
@@ -23,31 +24,6 @@ ATTENTION_BACKENDS = ("sdpa", "flash", "xformers")
 FIELD_EVALUATORS = ("reference", "batched")
 LORA_INITS = ("gaussian", "default", "zeros")
 RESERVED_NAMES = ("base", "student")
-
-
-def choice(problems: list[str], where: str, value: str, valid: tuple[str, ...]) -> None:
-    """Append a problem when `value` is not one of `valid`."""
-    if value not in valid:
-        problems.append(f"{where} = {value!r}; valid: {', '.join(valid)}")
-
-
-def need(problems: list[str], where: str, value: object, ok: bool, rule: str) -> None:
-    """Append `<where> = <value>; <rule>` unless `ok`."""
-    if not ok:
-        problems.append(f"{where} = {value}; {rule}")
-
-
-def need_num(problems: list[str], where: str, value: float, ok: bool, rule: str) -> None:
-    """Append a problem when `value` is not finite, else when not `ok` (`<where> = <value>; <rule>`)."""
-    if _finite(problems, where, value):
-        need(problems, where, value, ok, rule)
-
-
-def _finite(problems: list[str], where: str, value: float) -> bool:
-    if not math.isfinite(value):
-        problems.append(f"{where} = {value}; must be a finite number")
-        return False
-    return True
 
 
 @dataclass
@@ -81,6 +57,7 @@ class ModelConfig:
         choice(p, "model.attention_backend", self.attention_backend, ATTENTION_BACKENDS)
         need(p, "model.latent_size", self.latent_size, self.latent_size >= 0 and self.latent_size % 2 == 0,
              "must be 0 (preset default) or a positive even number")
+        need_seed(p, "model.init_seed", self.init_seed)
         return p
 
 
@@ -132,6 +109,7 @@ class TeacherConfig:
         if bool(self.path) == (self.random_seed >= 0):
             p.append(f"{where} ({self.name}): set exactly one of `path` or `random_seed`")
         need(p, f"{where}.rank", self.rank, self.rank > 0, "must be > 0")
+        need_seed(p, f"{where}.random_seed", self.random_seed, off=-1)
         need_num(p, f"{where}.alpha", self.alpha, self.alpha >= 0, "must be >= 0 (0 = from the file)")
         return p
 
@@ -188,7 +166,7 @@ class InitConfig:
         if self.weights and len(self.weights) != n_merge:
             p.append(f"init.weights has {len(self.weights)} entries for {n_merge} merged teachers")
         for i, w in enumerate(self.weights):
-            _finite(p, f"init.weights[{i}]", w)
+            finite(p, f"init.weights[{i}]", w)
         if self.merge != "none" and self.adapter:
             p.append("init: set either `merge` or `adapter`, not both")
         if self.merge == "average":  # loaded teachers' ranks are checked when they are loaded
@@ -252,7 +230,7 @@ class RolloutConfig:
         need(p, "rollout.steps", self.steps, self.steps >= 2, "must be >= 2")
         need_num(p, "rollout.shift", self.shift, self.shift > 0, "must be > 0")
         choice(p, "rollout.sampler", self.sampler, SAMPLERS)
-        if _finite(p, "rollout.noise_level", self.noise_level) and self.sampler == "sde" and self.noise_level <= 0:
+        if finite(p, "rollout.noise_level", self.noise_level) and self.sampler == "sde" and self.noise_level <= 0:
             p.append(f"rollout.noise_level = {self.noise_level}; must be > 0 for the sde sampler")
         need_num(p, "rollout.cfg_scale", self.cfg_scale, self.cfg_scale >= 0, "must be >= 0")
         need(p, "rollout.group_size", self.group_size, self.group_size >= 1, "must be >= 1")
@@ -359,6 +337,10 @@ class TrainConfig:
     """Stop after this many consecutive steps with a non-finite loss or gradient (each is skipped)."""
     profile_steps: str = ""
     """`A:B`: bracket optimizer steps [A, B) with cudaProfilerStart/Stop for nsys --capture-range."""
+    step_timeout: float = 0.0
+    """Seconds one optimizer step (with its checkpoint) may take on any rank before the job stops, naming the stuck
+    rank and its phase (engine/watchdog.py); 0 = auto: max(300, 10 x the median step time), 1800 until 3 steps are
+    timed; -1 = off."""
 
     def problems(self) -> list[str]:
         """Impossible values of [train]."""
@@ -375,6 +357,9 @@ class TrainConfig:
         need(p, "train.save_every", self.save_every, self.save_every >= 0, "must be >= 0")
         need(p, "train.keep_checkpoints", self.keep_checkpoints, self.keep_checkpoints >= 1, "must be >= 1")
         need(p, "train.max_nonfinite", self.max_nonfinite, self.max_nonfinite >= 1, "must be >= 1")
+        need_seed(p, "train.seed", self.seed)
+        need_num(p, "train.step_timeout", self.step_timeout, self.step_timeout >= 0 or self.step_timeout == -1,
+                 "must be >= 0 (0 = auto) or -1 (off)")
         if self.profile_steps:
             try:
                 a, b = (int(x) for x in self.profile_steps.split(":"))
@@ -434,6 +419,8 @@ class ReportConfig:
         need(p, "report.samples_per_prompt", self.samples_per_prompt, self.samples_per_prompt >= 1, "must be >= 1")
         if not self.seeds:
             p.append("report.seeds is empty")
+        for i, seed in enumerate(self.seeds):
+            need_seed(p, f"report.seeds[{i}]", seed)
         return p
 
 
