@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import torch
 
 from engine import ops
-from engine.adapters.export import export_adapter
+from engine.adapters.export import clean_stale_exports, export_adapter
 from engine.adapters.lora import STUDENT, freeze_for_training
 from engine.backends import get_backend
 from engine.backends.base import TensorCond
@@ -97,6 +97,8 @@ class Trainer:
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
             self.lock = RunDirLock(self.out)
+            for stale in clean_stale_exports(self.out / "export"):
+                log.info("removed %s (left by an interrupted export)", stale)
         self.checkpointer = Checkpointer(c, self.comm, self.hooks, resume)
         self.resume_from = self.checkpointer.find()
         if self.rank == 0:  # only now: a re-run refused above leaves the record of the run it would have mixed with
