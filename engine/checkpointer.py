@@ -17,12 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from engine.checkpoint import (
-    BYTES_PER_PARAM,
     check_free_space,
     checkpoint_bytes,
     clean_stale,
     complete_checkpoints,
     discard_partial,
+    estimate_bytes,
     finalize,
     find_resumable,
     quarantine_dir,
@@ -137,11 +137,15 @@ class Checkpointer:
                         "%s", where, kept)
         return None
 
-    def check_free_space(self, trainable: int) -> None:
-        """Fail before the first step when the file system cannot take one more checkpoint + export."""
+    def check_free_space(self, engine: Any) -> int:
+        """Fail before the first step when the file system cannot take one more checkpoint + export; returns the
+        bytes one checkpoint takes (an existing one's size, else counted from what DeepSpeed will write)."""
+        trainable = sum(p.numel() for p in engine.module.parameters() if p.requires_grad)
         existing = complete_checkpoints(self.root)
-        need = checkpoint_bytes(existing[0]) if existing else trainable * BYTES_PER_PARAM + (1 << 20)
+        need = (checkpoint_bytes(existing[0]) if existing else
+                estimate_bytes(engine.module_state_dict(exclude_frozen_parameters=True), trainable))
         check_free_space(self.root, need + 2 * 4 * trainable, self.config.train.keep_checkpoints)
+        return need
 
     def load(self, engine: Any, found: tuple[Path, dict[str, Any]]) -> tuple[int, dict[str, Any]]:
         """Load `found` into the DeepSpeed engine; (the step it resumes at, the client state)."""

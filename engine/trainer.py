@@ -113,10 +113,10 @@ class Trainer:
         cache = Path(c.data.cache) if c.data.cache else self.out / "prompt_cache.safetensors"
         texts = [p.text for p in self.prompts]
         if self.rank == 0:
-            self.embeddings = load_or_build(encoder, texts, cache, self.backend.cond_type)
+            self.embeddings = load_or_build(encoder, texts, cache, self.backend.cond_type, self.dtype)
         self.comm.barrier()
         if self.rank != 0:
-            self.embeddings = load_or_build(encoder, texts, cache, self.backend.cond_type)
+            self.embeddings = load_or_build(encoder, texts, cache, self.backend.cond_type, self.dtype)
         self.sampler = PromptSampler(self.prompts, c.train.seed, c.train.prompts_per_step, c.rollout.group_size,
                                      c.train.grad_accum, self.world, self.rank, c.data.task_weights or None)
         self.sigmas = flow_match_sigmas(c.rollout.steps, c.rollout.shift).to(self.device)
@@ -156,7 +156,7 @@ class Trainer:
             self.start_step, client = self.checkpointer.load(self.engine, self.resume_from)
             self.load_state_dict(client)
         if self.rank == 0:
-            self.checkpointer.check_free_space(sum(p.numel() for p in params))
+            self.checkpointer.check_free_space(self.engine)
         self.metrics = MetricsWriter(self.out / "metrics.jsonl", self.start_step) if self.rank == 0 else None
         self.profiler = CudaProfilerWindow(c.train.profile_steps)
 
@@ -338,7 +338,8 @@ class Trainer:
         return rows
 
     def close(self) -> None:
-        """Close the metrics file and release the run-dir lock."""
+        """Close the metrics and prompt-cache files and release the run-dir lock."""
+        self.embeddings.close()
         if self.metrics is not None:
             self.metrics.close()
         if self.lock is not None:
