@@ -101,10 +101,13 @@ def _fail(exc: Exception, output_dir: str) -> int:
     from engine.distributed import dist_timeout, is_collective_error
 
     if world > 1 and is_collective_error(exc):
+        from engine.watchdog import last_diagnosis
+
+        seen = last_diagnosis()
         text = (f"communication with another rank failed ({text.splitlines()[0] if text else type(exc).__name__}). "
                 f"Another rank probably died or is stuck (collective timeout {dist_timeout().total_seconds():g} s, "
-                f"FLOWOPD_DIST_TIMEOUT); see its log. Re-run the same command to resume from the newest complete "
-                f"checkpoint in {output_dir}/checkpoints")
+                f"FLOWOPD_DIST_TIMEOUT){f'; the watchdog saw: {seen}' if seen else ''}; see its log. Re-run the same "
+                f"command to resume from the newest complete checkpoint in {output_dir}/checkpoints")
     print(f"error: {where}{text}", file=sys.stderr, flush=True)
     if world > 1:
         sys.stdout.flush()

@@ -48,6 +48,7 @@ from engine.resume import ResumePolicy
 from engine.sampling.rollout import EagerRollout, Rollout
 from engine.sampling.schedule import flow_match_sigmas
 from engine.student import build_student
+from engine.watchdog import StepWatchdog
 
 log = logging.getLogger("flowopd")
 
@@ -159,6 +160,7 @@ class Trainer:
             self.checkpointer.check_free_space(self.engine)
         self.metrics = MetricsWriter(self.out / "metrics.jsonl", self.start_step) if self.rank == 0 else None
         self.profiler = CudaProfilerWindow(c.train.profile_steps)
+        self.watchdog = StepWatchdog(self.rank, self.world, self.timer, c.train.step_timeout)
 
     # ------------------------------------------------------------------------------------------ setup
 
@@ -221,6 +223,7 @@ class Trainer:
             routes = self.router.route(step, batch.tasks)
             cond = self.embeddings.cond(batch.texts).to(self.device)
             with self.timer.range("rollout", "green"):
+                self.hooks.hit("step.rollout", step)
                 traj = self.rollout(cond, batch.sample_ids, self.sigmas)
             queries = self.objective.queries(batch.sample_ids, c.train.seed)
             for j in range(self.objective.chunks):
@@ -318,7 +321,20 @@ class Trainer:
         if self.start_step == 0:
             for cb in callbacks:
                 cb(self, 0)
-        for step in bar:
+        self.watchdog.start()
+        try:
+            self._loop(bar, callbacks, rows)
+        finally:
+            self.watchdog.stop()
+        self.export()
+        self.comm.barrier()
+        return rows
+
+    def _loop(self, steps: Any, callbacks: Sequence[StepCallback], rows: list[dict[str, Any]]) -> None:
+        """The steps of `train`, each watched by the watchdog from its start to the end of its checkpoint."""
+        c = self.config.train
+        for step in steps:
+            self.watchdog.begin(step)
             self.hooks.hit("step.begin", step)
             self.profiler.before_step(step)
             row = self.train_step(step)
@@ -328,14 +344,12 @@ class Trainer:
             if self.metrics is not None and (step % c.log_every == 0 or step + 1 == c.steps):
                 self.metrics.write(row)
             self.hooks.hit("step.logged", step)
-            bar.set_postfix(loss=f"{row.get('loss', float('nan')):.4g}", img_s=f"{row['images_per_s']:.1f}")
+            steps.set_postfix(loss=f"{row.get('loss', float('nan')):.4g}", img_s=f"{row['images_per_s']:.1f}")
             for cb in callbacks:
                 cb(self, step + 1)
             if (c.save_every and (step + 1) % c.save_every == 0) or step + 1 == c.steps:
                 self.save_checkpoint(step + 1, final=step + 1 == c.steps)
-        self.export()
-        self.comm.barrier()
-        return rows
+            self.watchdog.end(step)
 
     def close(self) -> None:
         """Close the metrics and prompt-cache files and release the run-dir lock."""
