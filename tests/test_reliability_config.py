@@ -160,9 +160,11 @@ def test_every_invalid_config_is_rejected_naming_each_bad_key(mutations: list[tu
         load_config(TINY, [m[1] for m in mutations])
     text = str(err.value)
     mutated = {m[0] for m in mutations}
-    for key, assignment, kind in mutations:
+    for i, (key, assignment, kind) in enumerate(mutations):
         if kind == "value" and DEPENDS.get(key, set()) & mutated:
             continue
+        if any(key.startswith(later + ".") for later, _, _ in mutations[i + 1:]):
+            continue  # a later `--set` of its table replaced the whole table, this key included
         assert _named(key, text), f"{assignment!r} not named in:\n{text}"
 
 

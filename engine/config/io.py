@@ -169,6 +169,9 @@ def apply_override(data: dict, assignment: str, problems: list[str]) -> None:
             node = node[int(part)]
         else:
             node = node.setdefault(part, [] if parts[i + 1].isdigit() else {})
+        if not isinstance(node, dict | list):  # e.g. `--set a=1 --set a.b=2`: `a` is a value, not a table
+            problems.append(f"--set {key}: {'.'.join(parts[: i + 1])} = {node!r} is not a table")
+            return
     last = parts[-1]
     value = _parse_scalar(text.strip())
     if isinstance(node, list):
