@@ -122,7 +122,7 @@ def quarantined(root: Path) -> list[Path]:
 
 def quarantine_dir(ckpt: Path) -> Path:
     """Rename a checkpoint that must never be loaded to `<tag>.corrupt` (kept for inspection); returns the new path."""
-    bad = _free_name(ckpt.with_name(ckpt.name + ".corrupt"))
+    bad = free_name(ckpt.with_name(ckpt.name + ".corrupt"))
     os.replace(ckpt, bad)
     return bad
 
@@ -160,7 +160,8 @@ def scan_pickles(ckpt: Path) -> None:
         scan(f)
 
 
-def _free_name(path: Path) -> Path:
+def free_name(path: Path) -> Path:
+    """`path`, or `path` with a number appended when that name is taken."""
     candidate, i = path, 1
     while candidate.exists():
         candidate, i = path.with_name(f"{path.name}{i}"), i + 1
@@ -169,7 +170,7 @@ def _free_name(path: Path) -> Path:
 
 def _remove(path: Path) -> None:
     """Delete a checkpoint dir so that a kill half-way never leaves a dir that looks complete but is not."""
-    doomed = _free_name(path.with_name(path.name + ".deleting"))
+    doomed = free_name(path.with_name(path.name + ".deleting"))
     os.replace(path, doomed)
     shutil.rmtree(doomed, ignore_errors=True)
 

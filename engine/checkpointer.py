@@ -25,6 +25,7 @@ from engine.checkpoint import (
     estimate_bytes,
     finalize,
     find_resumable,
+    free_name,
     quarantine_dir,
     quarantined,
     scan_pickles,
@@ -65,7 +66,12 @@ class Checkpointer:
         """Rank 0 picks the newest verified checkpoint (moving corrupt ones aside), vets its pickles and its config
         against this run's, and tells the other ranks, so every rank loads the same one and the files are hashed
         once. Raises CheckpointError (on every rank) when the run must not go on as asked."""
-        verdict = self._choose() if self.comm.rank == 0 else None
+        verdict = None
+        if self.comm.rank == 0:
+            try:
+                verdict = self._choose()
+            except (OSError, CheckpointError) as exc:  # told to every rank: the others wait in the broadcast
+                verdict = None, f"cannot resume from {self.root}: {exc}"
         found, error = self.comm.broadcast(verdict)
         if error is not None:
             raise CheckpointError(error)
@@ -88,7 +94,7 @@ class Checkpointer:
         if stored is None:
             log.warning("checkpoint %s stores no config to compare with; resuming with this run's config", ckpt)
             return found, None
-        changes = config_changes(*stored, self.config)
+        changes = config_changes(*stored, self.config, (int(meta.get("world_size", 1)), self.comm.world))
         refused = [c for c in changes if c.kind == "trajectory"]
         if refused and not self.policy.allow_config_change:
             listed = "\n  ".join(str(c) for c in refused)
@@ -123,18 +129,18 @@ class Checkpointer:
         corrupt = quarantined(self.root)
         if not corrupt and (not steps or max(steps) < first):
             return None  # killed before the first checkpoint: every logged step is redone identically
-        lost = (f"{metrics} holds {len(steps)} logged steps ({min(steps)}..{max(steps)})" if steps
-                else "no metrics.jsonl lines")
-        where = f" (moved aside as corrupt: {', '.join(p.name for p in corrupt)})" if corrupt else ""
+        evidence = " and ".join(
+            ([f"checkpoints were moved aside as corrupt ({', '.join(p.name for p in corrupt)})"] if corrupt else [])
+            + ([f"{metrics} holds {len(steps)} logged steps ({min(steps)}..{max(steps)})"] if steps else []))
         if not self.policy.restart:
-            return (f"no complete checkpoint in {self.root}{where}, but {lost}: starting over would train from step 0 "
-                    f"and replace them. Restore a checkpoint into {self.root}, or re-run with --restart to start "
-                    f"over (metrics.jsonl is then kept as metrics.before-restart.jsonl)")
+            return (f"no complete checkpoint in {self.root}, but {evidence}: starting over would train from step 0 "
+                    f"and replace that history. Restore a checkpoint into {self.root}, or re-run with --restart to "
+                    f"start over (metrics.jsonl is then kept as metrics.before-restart.jsonl)")
+        log.warning("--restart: no complete checkpoint, but %s; training from step 0", evidence)
         if metrics.exists():
-            kept = _free_name(self.out / "metrics.before-restart.jsonl")
+            kept = free_name(self.out / "metrics.before-restart.jsonl")
             os.replace(metrics, kept)
-            log.warning("--restart: no complete checkpoint%s; training from step 0, the old metrics.jsonl is kept as "
-                        "%s", where, kept)
+            log.warning("the old metrics.jsonl is kept as %s", kept)
         return None
 
     def check_free_space(self, engine: Any) -> int:
@@ -261,12 +267,3 @@ class Checkpointer:
         log.error("%s; training continues and retries at the next checkpoint (%d/%d failures in a row)", what,
                   self.save_failures, MAX_SAVE_FAILURES)
         return False
-
-
-
-def _free_name(path: Path) -> Path:
-    """`path`, or `path` with a number before its suffixes when that name is taken."""
-    candidate, i = path, 1
-    while candidate.exists():
-        candidate, i = path.with_name(f"{path.name.split('.')[0]}{i}.{path.name.split('.', 1)[1]}"), i + 1
-    return candidate

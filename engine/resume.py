@@ -16,13 +16,15 @@ every key; each differing key is one of three kinds:
   teachers, fields, cold start, data, rollout, objective, optimizer, seed, dtype, and `kernels.cuda_graphs` (it
   switches the SDE noise to the in-kernel Philox stream). A change is refused with the list of changed keys
   (old -> new) unless `--allow-config-change`; then each change is logged and the old config is kept beside the run
-  as `config.step_<N>.toml`.
+  as `config.step_<N>.toml`. `train.prompts_per_step` is per rank, so it is compared as the global batch
+  (x ranks): a run resumed on another number of ranks with the same global batch is the same run.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import typing
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +38,9 @@ IMPLEMENTATION = ("model.attention", "model.attention_backend", "model.gradient_
                   "kernels.default", "kernels.backends", "train.deepspeed")
 # checkpoints written before configs were stored carry a digest of these two sections only
 _LEGACY_SECTIONS = ("model", "student")
+PER_RANK, GLOBAL_BATCH = "train.prompts_per_step", "train.prompts_per_step x ranks"
+# the tables of the config ([model], [train], ...): their keys are compared one by one
+_SECTIONS = tuple(name for name, tp in typing.get_type_hints(Config).items() if dataclasses.is_dataclass(tp))
 
 
 @dataclass(frozen=True)
@@ -79,8 +84,7 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in data.items():
         name = f"{prefix}{key}"
-        if isinstance(value, dict) and name in ("model", "student", "init", "data", "rollout", "opd", "train",
-                                                "kernels", "report", "experiment"):
+        if isinstance(value, dict) and name in _SECTIONS:
             out.update(flatten(value, f"{name}."))
         elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
             for i, item in enumerate(value):
@@ -106,10 +110,15 @@ def stored_config(meta: dict[str, Any]) -> tuple[dict[str, Any], tuple[str, ...]
     return None
 
 
-def config_changes(stored: dict[str, Any], sections: tuple[str, ...] | None, config: Config) -> list[Change]:
+def config_changes(stored: dict[str, Any], sections: tuple[str, ...] | None, config: Config,
+                   ranks: tuple[int, int] = (1, 1)) -> list[Change]:
     """Every key whose value differs between `stored` (flat) and `config`, in key order; `sections` limits the
-    comparison to those sections (a legacy checkpoint's digest)."""
-    now = flatten(dataclasses.asdict(config))
+    comparison to those sections (a legacy checkpoint's digest). `ranks` = (the checkpoint's world size, this run's):
+    `train.prompts_per_step` is per rank, so what must match is the global batch, prompts_per_step x ranks (the data,
+    noise and routing of a step depend only on it: 1 rank x 2P prompts = 2 ranks x P)."""
+    stored, now = dict(stored), flatten(dataclasses.asdict(config))
+    if PER_RANK in stored:
+        stored[GLOBAL_BATCH], now[GLOBAL_BATCH] = stored.pop(PER_RANK) * ranks[0], now.pop(PER_RANK) * ranks[1]
     keys = sorted(set(stored) | set(now))
     if sections is not None:
         keys = [k for k in keys if _matches(k, sections)]

@@ -130,7 +130,10 @@ class StepWatchdog:
         self.started = time.monotonic()
         self.step = step
         if self._thread is not None:
-            faulthandler.dump_traceback_later(self.limit() + BACKSTOP_S, exit=True)
+            try:  # the process's own stderr: sys.stderr may be a stream without a descriptor (a notebook, pytest)
+                faulthandler.dump_traceback_later(self.limit() + BACKSTOP_S, exit=True, file=sys.__stderr__)
+            except (AttributeError, ValueError, OSError):  # no usable stderr at all: only the Python watchdog
+                pass
 
     def end(self, step: int) -> None:
         """Step `step` (with its checkpoint) is done: its time feeds the auto limit."""

@@ -109,6 +109,39 @@ def test_without_a_path_everything_stays_in_memory() -> None:
     assert emb.uncond.prompt_embeds.shape == (1, 8, 32) and emb.table.pooled.dtype == torch.bfloat16
 
 
+def test_a_bfloat16_run_is_the_same_on_a_float32_and_a_bfloat16_cache(tmp_path: Path) -> None:
+    """Storing the cache in the model dtype moves the cast from the model's input to the cache: the same values.
+    Where CUDA is available the rollout is also replayed as CUDA graphs (static conditioning buffers in the model
+    dtype): a GPU check owed from CPU-only sessions."""
+    from engine.config import load_config
+    from engine.metrics import read_metrics
+    from engine.trainer import Trainer
+
+    graphs = "true" if torch.cuda.is_available() else "false"
+    repo = Path(__file__).resolve().parents[1]
+    shared = tmp_path / "shared_cache.safetensors"
+    rows = {}
+    for name, dtype, cache in [("fp32_builds", "float32", shared), ("bf16_on_fp32_cache", "bfloat16", shared),
+                               ("bf16_on_bf16_cache", "bfloat16", tmp_path / "own.safetensors")]:
+        out = tmp_path / name
+        cfg = load_config(repo / "configs" / "tiny.toml", [
+            "rollout.steps=3", "train.steps=2", "train.save_every=0", "rollout.group_size=1",
+            f"model.dtype='{dtype}'", f'data.cache="{cache}"', f'output_dir="{out}"',
+            f"kernels.cuda_graphs={graphs}"])
+        trainer = Trainer(cfg)
+        try:
+            trainer.train()
+        finally:
+            trainer.close()
+        rows[name] = [{k: r[k] for k in ("loss", "grad_norm", "data_crc")} for r in read_metrics(out / "metrics.jsonl")]
+    with safe_open(str(shared), framework="pt") as f:
+        assert f.get_slice("prompt_embeds").get_dtype() == "F32"  # reused, not rebuilt, by the bf16 run
+    with safe_open(str(tmp_path / "own.safetensors"), framework="pt") as f:
+        assert f.get_slice("prompt_embeds").get_dtype() == "BF16"
+    assert rows["bf16_on_fp32_cache"] == rows["bf16_on_bf16_cache"]
+    assert rows["bf16_on_bf16_cache"] != rows["fp32_builds"]  # the comparison can tell dtypes apart
+
+
 def test_a_bfloat16_run_builds_and_trains_on_a_bfloat16_cache(tmp_path: Path) -> None:
     from engine.config import load_config
     from engine.trainer import Trainer

@@ -140,6 +140,26 @@ def test_every_type_a_deepspeed_checkpoint_holds_is_allowed(finished: Path, tmp_
     assert len(safe_load.safe_globals()) == len(safe_load.SAFE_GLOBALS)
 
 
+def test_checkpoints_hold_trainable_state_only(finished: Path) -> None:
+    """No frozen parameter and no buffer (SD3's pos_embed buffer is 906 MB at SD3.5-M size); the preflight's estimate
+    is what is really written, never less."""
+    from engine.backends import get_backend
+    from engine.config import load_config as load
+    from engine.student import build_student
+
+    ckpt = finished / "checkpoints" / "step_00000002"
+    module = safe_load.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu")
+    cfg = load(finished / "config.toml")
+    model, _ = build_student(cfg, get_backend("sd3"))
+    trainable = {n for n, p in model.named_parameters() if "lora" in n and ".student." in n}
+    assert set(module["module"]) == trainable and module["buffer_names"] == []
+    state = 16 * sum(model.get_parameter(n).numel() for n in trainable)  # fp32 copy + master + 2 Adam moments
+    written = ck.checkpoint_bytes(ckpt)
+    assert state < written <= state + ck.FIXED_BYTES  # measured: 124 kB for 78 kB of state
+    estimate = ck.estimate_bytes(module["module"], sum(model.get_parameter(n).numel() for n in trainable))
+    assert written <= estimate <= written + ck.FIXED_BYTES
+
+
 # ----------------------------------------------------------------------------------------------- config changes
 
 
@@ -206,6 +226,12 @@ def test_stored_configs_old_and_new() -> None:
     wider = dataclasses.replace(cfg, student=dataclasses.replace(cfg.student, rank=8))
     assert [c.key for c in config_changes(flat, sections, wider)] == ["student.rank"]
     assert stored_config({"step": 1}) is None
+    # prompts_per_step is per rank: 2 ranks x 1 prompt = 1 rank x 2 prompts; another global batch is a change
+    flat, sections = stored_config({"step": 4, "config": dataclasses.asdict(cfg)})  # tiny: 2 prompts per rank
+    half = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, prompts_per_step=1))
+    assert config_changes(flat, sections, half, ranks=(1, 2)) == []
+    assert [str(c) for c in config_changes(flat, sections, half, ranks=(1, 1))] == [
+        "train.prompts_per_step x ranks: 2 -> 1"]
     assert typing.get_type_hints(Config)  # the schema stays introspectable (flatten relies on asdict)
 
 
