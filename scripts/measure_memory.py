@@ -7,6 +7,7 @@
     # checkpoint bytes vs the trainable state: one real training step + checkpoint of an SD3.5-M-wide model with
     # 2 of its 24 layers (same 906 MB pos_embed buffer, same LoRA targets), then the 24-layer accounting (meta device)
     python scripts/measure_memory.py checkpoint --dir /tmp/flowopd-ckpt
+    # the real model on a GPU: --layers 24 --dtype bfloat16
 
 Each measured process runs alone (a fresh interpreter), so `ru_maxrss` is its own peak resident set.
 """
@@ -140,11 +141,12 @@ def measure_checkpoint(a: argparse.Namespace) -> None:
     from engine.trainer import Trainer
 
     full = PRESETS["sd35-medium"]
-    cheap = dict(full.transformer, num_layers=2, dual_attention_layers=(0,))
-    PRESETS["sd35m-2layers"] = dataclasses.replace(full, name="sd35m-2layers", transformer=cheap)
+    layers = a.layers
+    cheap = dict(full.transformer, num_layers=layers, dual_attention_layers=tuple(range(min(layers - 1, 13) or 1)))
+    PRESETS["sd35m-cheap"] = dataclasses.replace(full, name="sd35m-cheap", transformer=cheap)
     out = Path(a.dir) / "run"
     shutil.rmtree(out, ignore_errors=True)
-    sets = ["model.preset='sd35m-2layers'", "model.latent_size=16", "model.dtype='float32'", "student.rank=32",
+    sets = ["model.preset='sd35m-cheap'", "model.latent_size=16", f"model.dtype='{a.dtype}'", "student.rank=32",
             "student.alpha=32.0", "teachers=[]", "fields=[{ name = 'base', source = 'base' }]", "init.merge='none'",
             "opd.loss='mse'", "opd.routing='step'", "opd.routes={}", "opd.weights={ base = 1.0 }", "opd.anchor=''",
             "opd.query_states=1", "rollout.sampler='ode'", "rollout.steps=2", "rollout.group_size=1",
@@ -162,7 +164,8 @@ def measure_checkpoint(a: argparse.Namespace) -> None:
     tensors = sum(1 for p in trainer.model.parameters() if p.requires_grad)
     ckpt = complete_checkpoints(out / "checkpoints")[0]
     written = checkpoint_bytes(ckpt)
-    state = 16 * trainable  # fp32 module copy + fp32 master + Adam's 2 moments
+    per_param = trainer.model.dtype.itemsize + 12  # module copy in the model dtype + fp32 master + Adam's 2 moments
+    state = per_param * trainable
     # the full 24-layer model, counted on the meta device: LoRA r x (in + out) per targeted Linear
     from diffusers import SD3Transformer2DModel
 
@@ -174,16 +177,16 @@ def measure_checkpoint(a: argparse.Namespace) -> None:
     full_trainable = sum(32 * (i + o) for i, o in lora)
     fixed = written - state
     per_tensor = fixed / tensors
-    full_written = 16 * full_trainable + per_tensor * 2 * len(lora)
+    full_written = per_param * full_trainable + per_tensor * 2 * len(lora)
     print(json.dumps({
-        "cheap_model": {"layers": 2, "trainable_params": trainable, "lora_tensors": tensors,
+        "cheap_model": {"layers": layers, "dtype": a.dtype, "trainable_params": trainable, "lora_tensors": tensors,
                         "frozen_buffer_bytes_not_written": buffers, "checkpoint_bytes": written,
                         "trainable_state_bytes": state, "ratio": round(written / state, 4),
                         "preflight_estimate_bytes": estimate, "files": sorted(p.name for p in ckpt.iterdir())},
         "sd35_medium_accounting": {"layers": 24, "lora_rank": 32, "trainable_params": full_trainable,
-                                   "trainable_state_bytes": 16 * full_trainable,
+                                   "trainable_state_bytes": per_param * full_trainable,
                                    "expected_checkpoint_bytes": round(full_written),
-                                   "ratio": round(full_written / (16 * full_trainable), 4),
+                                   "ratio": round(full_written / (per_param * full_trainable), 4),
                                    "before_this_change_bytes": round(full_written + buffers)},
     }, indent=1))
     if not a.keep:
@@ -207,6 +210,8 @@ def main(argv: list[str]) -> int:
     c.add_argument("--keep", action="store_true")
     k = sub.add_parser("checkpoint")
     k.add_argument("--dir", default="/tmp/flowopd-ckpt")
+    k.add_argument("--layers", type=int, default=2, help="of SD3.5-M's 24 (24 = the real model; on a GPU)")
+    k.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     k.add_argument("--keep", action="store_true")
     a = ap.parse_args(argv)
     (measure_cache if a.what == "cache" else measure_checkpoint)(a)
