@@ -59,6 +59,7 @@ def transformer_dir(path: Path) -> Path:
 
 
 def read_transformer_config(directory: Path) -> dict[str, Any]:
+    """The transformer config.json of `directory`; ZImageLoadError naming the file when unreadable or not Z-Image."""
     file = directory / "config.json"
     try:
         cfg = json.loads(file.read_text())
@@ -102,6 +103,7 @@ class ZImageBackend:
     # ------------------------------------------------------------------------------------------------ presets
 
     def preset_names(self) -> list[str]:
+        """zimage-tiny (tests, the editing world), zimage-turbo, zimage-omni (the released architectures)."""
         return sorted(PRESETS)
 
     def sigmas(self, steps: int, shift: float = SCHEDULER_SHIFT) -> torch.Tensor:
@@ -119,6 +121,7 @@ class ZImageBackend:
     # ------------------------------------------------------------------------------------------------- checks
 
     def config_problems(self, config: Config) -> list[str]:
+        """Presets, the latent size against patch size and RoPE table, attention kinds, CUDA-graph rollouts."""
         m = config.model
         out: list[str] = []
         path, preset = getattr(m, "path", ""), getattr(m, "preset", "")
@@ -135,6 +138,7 @@ class ZImageBackend:
         return out
 
     def preflight(self, config: Config) -> list[str]:
+        """The student's targets on the real architecture (meta device), the text encoder's width vs cap_feat_dim."""
         m = config.model
         out: list[str] = []
         cfg: Mapping[str, Any]
@@ -180,6 +184,7 @@ class ZImageBackend:
 
     def build(self, preset: str, seed: int, dtype: torch.dtype, latent_size: int = 0) -> tuple[torch.nn.Module,
                                                                                                 ModelSpec]:
+        """A randomly initialised ZImageTransformer2DModel of `preset` (deterministic in `seed`) and its spec."""
         from diffusers import ZImageTransformer2DModel
 
         p = get_preset(preset)
@@ -231,6 +236,7 @@ class ZImageBackend:
     # ----------------------------------------------------------------------------------------------- forward
 
     def velocity(self, model: torch.nn.Module, x: torch.Tensor, sigma: torch.Tensor, cond: TensorCond) -> torch.Tensor:
+        """v(x, sigma | cond) of T2I and edit rows (forward.py: t = 1 - sigma, output negated)."""
         if not isinstance(cond, ZImageCond):
             raise TypeError(f"the Z-Image backend needs a ZImageCond, got {type(cond).__name__}")
         return zimage_velocity(model, x, sigma, cond)
@@ -253,6 +259,7 @@ class ZImageBackend:
         return QwenPromptEncoder.from_dir(path, max_sequence_length, model_spec.latent_shape, tokens, siglip_dim)
 
     def vae(self, path: Path | None) -> ZImageVAE | None:
+        """The pipeline dir's `vae/` with Z-Image's shift and scaling (None without one)."""
         if path is None or not (Path(path) / "vae").is_dir():
             return None
         return ZImageVAE(load_component(Path(path), "vae"))

@@ -118,6 +118,7 @@ def check_items(stride: int) -> list[tuple[str, Scene | None]]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The CLI (see the module docstring)."""
     ap = argparse.ArgumentParser(prog="python -m engine.worlds.toy_edit.eval", description=__doc__.split("\n\n")[0])
     ap.add_argument("--weights", default=str(WEIGHTS_DIR))
     ap.add_argument("--row", action="append", default=[], help="base or an expert task (default: all)")
