@@ -31,6 +31,7 @@ from engine.checkpointer import Checkpointer
 from engine.config.io import deepspeed_json, to_toml
 from engine.config.schema import Config
 from engine.data.cache import load_or_build
+from engine.data.images import row_conditioning
 from engine.data.prompts import load_prompts
 from engine.data.sampler import PromptSampler
 from engine.data.text import build_text_encoder
@@ -45,7 +46,6 @@ from engine.opd.objective import ChunkResult, OPDObjective
 from engine.opd.routing import Router
 from engine.profiling import CudaProfilerWindow, PhaseTimer
 from engine.sampling.rollout import EagerRollout, Rollout
-from engine.sampling.schedule import flow_match_sigmas
 from engine.student import build_student
 
 log = logging.getLogger("flowopd")
@@ -107,15 +107,17 @@ class Trainer:
         self.router = Router(c.opd, self.prompts, c.train.seed)
         encoder = build_text_encoder(c.data.encoder, self.backend, self.spec, c.data.max_sequence_length)
         cache = Path(c.data.cache) if c.data.cache else self.out / "prompt_cache.safetensors"
-        texts = [p.text for p in self.prompts]
+        texts = [p.text for p in self.prompts if not p.source]  # edit rows: engine.data.images caches their captions
         if self.rank == 0:
             self.embeddings = load_or_build(encoder, texts, cache, self.backend.cond_type)
         self.comm.barrier()
         if self.rank != 0:
             self.embeddings = load_or_build(encoder, texts, cache, self.backend.cond_type)
+        self.conditioning = row_conditioning(c, self.backend, self.spec, self.prompts, encoder, self.embeddings,
+                                             self.out, self.rank, self.comm.broadcast)
         self.sampler = PromptSampler(self.prompts, c.train.seed, c.train.prompts_per_step, c.rollout.group_size,
                                      c.train.grad_accum, self.world, self.rank, c.data.task_weights or None)
-        self.sigmas = flow_match_sigmas(c.rollout.steps, c.rollout.shift).to(self.device)
+        self.sigmas = self.backend.sigmas(c.rollout.steps, c.rollout.shift).to(self.device)
         self.rows = c.train.prompts_per_step * c.rollout.group_size
 
         # ---- DeepSpeed
@@ -215,7 +217,7 @@ class Trainer:
             batch = self.sampler.batch(step, micro, pool, pool_key)
             data_crc = zlib.crc32(json.dumps(batch.sample_ids).encode(), data_crc)
             routes = self.router.route(step, batch.tasks)
-            cond = self.embeddings.cond(batch.texts).to(self.device)
+            cond = self.conditioning.rows(batch.prompt_ids).to(self.device)
             with self.timer.range("rollout", "green"):
                 traj = self.rollout(cond, batch.sample_ids, self.sigmas)
             queries = self.objective.queries(batch.sample_ids, c.train.seed)

@@ -11,6 +11,8 @@
 - `ZImageVAE`: AutoencoderKL with Z-Image's shift and scaling (latents = (mode(E(x)) - shift) * scale).
 - `SourceEncoder`: source images -> (clean VAE latents, SigLIP features, grid), as ZImageOmniPipeline's
   `prepare_image_latents` and `prepare_siglip_embeds` do; `edit_cond(...)` puts captions and sources together.
+- `SourceImages` (a pipeline dir) and `PixelImageEncoder` (`builtin`: latents are pixels, the editing world): the
+  engine's `ImageEncoder` protocol, what the image cache (engine/data/edits.py) runs once per source image.
 """
 
 from __future__ import annotations
@@ -307,3 +309,53 @@ def edit_cond(captions: ZImageCond, latents: torch.Tensor, siglip: torch.Tensor 
               siglip_hw: torch.Tensor | None = None) -> ZImageCond:
     """Edit rows: `encode_edit` captions with their source latents (and SigLIP features, if any)."""
     return captions.with_source(latents, siglip, siglip_hw)
+
+
+class SourceImages:
+    """`SourceEncoder` as the engine's `ImageEncoder`: every source resized to the training size first, as DanceOPD
+    does (`image.resize((width, height))`, zimage_diffsynth.py:457), then the pipeline's own preparation."""
+
+    def __init__(self, encoder: SourceEncoder, size: tuple[int, int], identity: str):
+        self.encoder, self.size, self._identity = encoder, size, identity
+
+    @property
+    def identity(self) -> str:
+        """The pipeline dir, the size and the SigLIP capacity (keys the image cache)."""
+        return self._identity
+
+    def encode(self, images: list[Any]) -> dict[str, torch.Tensor]:
+        """{"source": [B, C, h, w]} (+ "siglip" [B, N, D], "siglip_hw" [B, 2] with a SigLIP branch), float32."""
+        latents, feats, grids = self.encoder.encode(images, self.size)
+        out = {"source": latents.float().cpu()}
+        if feats is not None and grids is not None:
+            out.update(siglip=feats, siglip_hw=grids)
+        return out
+
+
+class PixelImageEncoder:
+    """`builtin` source images for a model whose latents are the pixels (in_channels 3, no VAE: the editing world):
+    RGB resized to the latent size (PIL's default filter, as DanceOPD resizes) and scaled to [-1, 1]."""
+
+    def __init__(self, latent_shape: Sequence[int]):
+        c, self.height, self.width = (int(v) for v in latent_shape)
+        if c != 3:
+            raise ValueError(f"the builtin (pixel) source-image encoder needs 3 latent channels, the model has {c}: "
+                             f"set data.encoder to a Z-Image pipeline dir (its vae/ encodes the sources)")
+
+    @property
+    def identity(self) -> str:
+        """The size the images are resized to (keys the image cache)."""
+        return f"zimage-pixels:{self.height}x{self.width}"
+
+    def encode(self, images: list[Any]) -> dict[str, torch.Tensor]:
+        """{"source": [B, 3, H, W]} in [-1, 1]: 8-bit RGB values v as v / 127.5 - 1."""
+        import numpy as np
+
+        arrays = []
+        for im in images:
+            im = im.convert("RGB")
+            if im.size != (self.width, self.height):
+                im = im.resize((self.width, self.height))
+            arrays.append(np.asarray(im, dtype=np.float32))
+        x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+        return {"source": (x / 127.5 - 1.0).contiguous()}
