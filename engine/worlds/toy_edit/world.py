@@ -389,6 +389,30 @@ def eval_items(task: str | None = None) -> list[tuple[str, Scene | None]]:
     return items
 
 
+TRAIN_SEED = 8765
+TRAIN_COUNTS = {"t2i": 24, "local_edit": 48, "global_edit": 48}
+
+
+def train_items(task: str | None = None) -> list[tuple[str, Scene | None]]:
+    """The OPD training set (`builtin:toy_edit`): the 24 T2I prompts the eval set leaves out, and 48 edits of fresh
+    random scenes per edit task (seed TRAIN_SEED; an item equal to an eval item is drawn again). All tasks when
+    `task` is None."""
+    if task is None:
+        return [item for t in TASKS for item in train_items(t)]
+    if task == "t2i":
+        held = {p for p, _ in eval_items("t2i")}
+        return [(p, None) for p in (prompt_of(s) for s in all_t2i_specs()) if p not in held]
+    rng = np.random.default_rng([TRAIN_SEED, TASKS.index(task)])
+    held_items = set(eval_items(task))
+    items: list[tuple[str, Scene | None]] = []
+    while len(items) < TRAIN_COUNTS[task]:
+        scene = random_scene(rng)
+        item = (prompt_of(random_edit(task, scene, rng)), scene)
+        if item not in held_items:
+            items.append(item)
+    return items
+
+
 VOCAB: tuple[str, ...] = tuple(sorted({f"[{t}]" for t in TASKS} | set(COLORS) | set(TIMES)
                                       | {"a", "and", "at", "square", "make", "the", "it"}))
 """Every word of the grammar."""
