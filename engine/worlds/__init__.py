@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
 _BUILTIN: dict[str, str] = {
     "toy": "engine.worlds.toy",
+    "toy_edit": "engine.worlds.toy_edit",
 }
 _REGISTRY: dict[str, World] = {}
 

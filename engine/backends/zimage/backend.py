@@ -170,8 +170,10 @@ class ZImageBackend:
         out: list[str] = []
         cfg: Mapping[str, Any]
         if getattr(m, "path", ""):
+            from engine.config.io import resolve_path  # `<world>:` paths (e.g. toy_edit:base)
+
             try:
-                cfg = read_transformer_config(transformer_dir(Path(m.path)))
+                cfg = read_transformer_config(transformer_dir(resolve_path(m.path)))
             except ZImageLoadError as exc:
                 return [str(exc)]
             if getattr(m, "latent_size", 0):
@@ -188,7 +190,9 @@ class ZImageBackend:
             out.append(f"student.targets {missing} match no module of the Z-Image transformer (valid e.g. "
                        f"{list(LORA_TARGETS)})")
         encoder = str(getattr(getattr(config, "data", None), "encoder", "") or "")
-        if encoder and encoder != "builtin":
+        from engine.worlds import find_world
+
+        if encoder and encoder != "builtin" and find_world(encoder) is None:
             te = Path(encoder) / "text_encoder" / "config.json"
             if not te.is_file():
                 out.append(f"data.encoder = {encoder!r}: {te} not found (a Z-Image pipeline dir, or 'builtin')")
