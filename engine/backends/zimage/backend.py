@@ -166,12 +166,13 @@ class ZImageBackend:
 
     def preflight(self, config: Config) -> list[str]:
         """The student's targets on the real architecture (meta device), the text encoder's width vs cap_feat_dim."""
+        from engine.config.io import resolve_path  # `<world>:` paths (a miniature world's shipped base)
+        from engine.worlds import find_world
+
         m = config.model
         out: list[str] = []
         cfg: Mapping[str, Any]
         if getattr(m, "path", ""):
-            from engine.config.io import resolve_path  # `<world>:` paths (e.g. toy_edit:base)
-
             try:
                 cfg = read_transformer_config(transformer_dir(resolve_path(m.path)))
             except ZImageLoadError as exc:
@@ -190,8 +191,6 @@ class ZImageBackend:
             out.append(f"student.targets {missing} match no module of the Z-Image transformer (valid e.g. "
                        f"{list(LORA_TARGETS)})")
         encoder = str(getattr(getattr(config, "data", None), "encoder", "") or "")
-        from engine.worlds import find_world
-
         if encoder and encoder != "builtin" and find_world(encoder) is None:
             te = Path(encoder) / "text_encoder" / "config.json"
             if not te.is_file():
