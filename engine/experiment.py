@@ -47,14 +47,22 @@ def train_run(config: Config) -> tuple[int, Path]:
     from engine.trainer import Trainer
 
     trainer = Trainer(config)
+    evals = None
     try:
         callbacks = []
+        if trainer.rank == 0:  # trackers and validation (engine/eval); the other ranks wait at the next collective
+            from engine.eval.callbacks import EvalCallbacks
+
+            evals = EvalCallbacks(config, trainer)
+            callbacks = list(evals.callbacks)
         if config.report.world and trainer.rank == 0:
             from engine.worlds import get_world
 
-            callbacks = list(get_world(config.report.world).callbacks(config))
+            callbacks += list(get_world(config.report.world).callbacks(config))
         trainer.train(callbacks)
     finally:
+        if evals is not None:
+            evals.close()
         trainer.close()
     rank = trainer.rank
     del trainer

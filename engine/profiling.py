@@ -1,8 +1,8 @@
 """Phase timing and NVTX ranges.
 
 `phases.range(name)` opens an NVTX range (the `nvtx` package: works without CUDA, ~1 us per range;
-`torch.cuda.nvtx` raises on CPU builds) and accumulates the phase's wall time. On CUDA the phase end
-synchronises the device once so the seconds are the GPU's, never inside the rollout's step loop.
+`torch.cuda.nvtx` raises on CPU builds) and accumulates the phase's wall time. With `train.phase_timing` on, the
+phase end synchronises a CUDA device once so the seconds are the GPU's (never inside the rollout's step loop).
 """
 
 from __future__ import annotations
@@ -31,9 +31,13 @@ def nvtx_range(name: str, color: str = "blue") -> Iterator[None]:
 
 
 class PhaseTimer:
-    """Wall time per phase of a step, with NVTX ranges (CUDA: synchronised at each phase end)."""
-    def __init__(self, device: torch.device):
-        self.sync = device.type == "cuda"
+    """Wall time per phase of a step, with NVTX ranges; on CUDA with `sync` the device is synchronised at each phase
+    end, so the seconds are GPU seconds (`train.phase_timing`). Without it a phase's seconds are the host's time to
+    issue it (plus any wait the phase itself forces), which on CUDA says little about the GPU: one sync per phase
+    end (~8 per step at 2 query states) stops the host from running ahead, so it is off unless asked for."""
+
+    def __init__(self, device: torch.device, sync: bool = False):
+        self.sync = sync and device.type == "cuda"
         self.seconds: dict[str, float] = defaultdict(float)
 
     @contextmanager

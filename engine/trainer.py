@@ -58,9 +58,12 @@ class TrainingView(Protocol):
 
     rank: int
     device: torch.device
+    last_logged: dict[str, Any] | None
+    """The metrics row written to metrics.jsonl by the step just finished (None when it was not logged)."""
 
-    def student_velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: TensorCond) -> torch.Tensor:
-        """The live student's unguided velocity."""
+    def student_velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: TensorCond,
+                         cfg_scale: float = 1.0) -> torch.Tensor:
+        """The live student's velocity, CFG-guided by `cfg_scale` (1.0 = unguided)."""
         ...
 
 
@@ -88,7 +91,7 @@ class Trainer:
             torch.cuda.set_device(self.device)
         self.dtype = resolve_dtype(c.model.dtype, self.device)
         self.out = Path(c.output_dir)
-        self.timer = PhaseTimer(self.device)
+        self.timer = PhaseTimer(self.device, sync=c.train.phase_timing)
         self.comm = Collectives(self.rank, self.world, self.device)
         ops.configure(c.kernels.default, c.kernels.backends)
         self.hooks = hooks_from_env(self.rank)
@@ -156,6 +159,7 @@ class Trainer:
         if self.rank == 0:
             self.checkpointer.check_free_space(sum(p.numel() for p in params))
         self.metrics = MetricsWriter(self.out / "metrics.jsonl", self.start_step) if self.rank == 0 else None
+        self.last_logged: dict[str, Any] | None = None
         self.profiler = CudaProfilerWindow(c.train.profile_steps)
 
     # ------------------------------------------------------------------------------------------ setup
@@ -166,7 +170,8 @@ class Trainer:
         if self.config.opd.evaluator == "batched":
             from engine.fields.batched import BatchedFieldEvaluator
 
-            return BatchedFieldEvaluator(self.model, velocity, fields, self.uncond)
+            return BatchedFieldEvaluator(self.model, velocity, fields, self.uncond,
+                                         merge_rows=self.config.kernels.lora_merge_rows)
         return PeftFieldEvaluator(self.model, velocity, fields, self.uncond)
 
     def _build_rollout(self) -> Rollout:
@@ -196,9 +201,11 @@ class Trainer:
         """Failed checkpoint writes in a row (the checkpointer's count)."""
         return self.checkpointer.save_failures
 
-    def student_velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: TensorCond) -> torch.Tensor:
-        """The live student's unguided velocity (what step callbacks sample with)."""
-        return self.evaluator.field_velocity(student_field(1.0), x, sigma, cond)
+    def student_velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: TensorCond,
+                         cfg_scale: float = 1.0) -> torch.Tensor:
+        """The live student's velocity through the run's field evaluator, CFG-guided by `cfg_scale` (what step
+        callbacks sample with)."""
+        return self.evaluator.field_velocity(student_field(cfg_scale), x, sigma, cond)
 
     # ------------------------------------------------------------------------------------------- loop
 
@@ -217,7 +224,7 @@ class Trainer:
             batch = self.sampler.batch(step, micro, pool, pool_key)
             data_crc = zlib.crc32(json.dumps(batch.sample_ids).encode(), data_crc)
             routes = self.router.route(step, batch.tasks)
-            cond = self.conditioning.rows(batch.prompt_ids).to(self.device)
+            cond = self.conditioning.rows(batch.prompt_ids).to(self.device, non_blocking=True)
             with self.timer.range("rollout", "green"):
                 traj = self.rollout(cond, batch.sample_ids, self.sigmas)
             queries = self.objective.queries(batch.sample_ids, c.train.seed)
@@ -323,8 +330,10 @@ class Trainer:
             self.profiler.after_step(step)
             rows.append(row)
             self.hooks.hit("step.end", step)
+            self.last_logged = None
             if self.metrics is not None and (step % c.log_every == 0 or step + 1 == c.steps):
                 self.metrics.write(row)
+                self.last_logged = row  # what the trackers see (engine/eval/callbacks.py)
             self.hooks.hit("step.logged", step)
             bar.set_postfix(loss=f"{row.get('loss', float('nan')):.4g}", img_s=f"{row['images_per_s']:.1f}")
             for cb in callbacks:

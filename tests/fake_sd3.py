@@ -1,13 +1,14 @@
 """A tiny, randomly initialised SD3 pipeline dir built offline (no hub): three text encoders with their
-tokenizers (CLIP-L/G stand-ins with a character vocab, a T5 stand-in with a Unigram vocab) and a tiny
-transformer, laid out exactly like stabilityai/stable-diffusion-3.5-medium so the real loading code runs."""
+tokenizers (CLIP-L/G stand-ins with a character vocab, a T5 stand-in with a Unigram vocab), a tiny transformer and
+a tiny AutoencoderKL (the tiny transformer's 4 latent channels, SD3's 8x down-sampling, SD3.5's scaling and shift
+factors), laid out exactly like stabilityai/stable-diffusion-3.5-medium so the real loading code runs."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     CLIPTextConfig,
@@ -51,6 +52,13 @@ def build_fake_sd3(root: Path) -> Path:
     transformer = SD3Transformer2DModel(**{**PRESETS["tiny"].transformer, "joint_attention_dim": T5_DIM,
                                            "pooled_projection_dim": POOLED})
     transformer.save_pretrained(str(root / "transformer"))
+    # 4 blocks = 3 down-samplings: 8x, as SD3's VAE (latent 8 -> 64 px images); SD3.5's latent factors
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=PRESETS["tiny"].transformer["in_channels"],
+                        block_out_channels=(8, 8, 8, 8),
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        layers_per_block=1, norm_num_groups=4, sample_size=64, scaling_factor=1.5305,
+                        shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False)
+    vae.save_pretrained(str(root / "vae"))
     index = {
         "_class_name": "StableDiffusion3Pipeline", "_diffusers_version": "0.42.1",
         "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],

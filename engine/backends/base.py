@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
 import torch
 
+from engine.transfer import to_device
+
 if TYPE_CHECKING:
     from engine.config.schema import Config
 
@@ -67,10 +69,16 @@ class TensorCond:
         """Rows `idx` of every field."""
         return self._map(lambda t: t[idx])
 
-    def to(self: C, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> C:
-        """Every field on `device`; floating fields also in `dtype`."""
-        return self._map(lambda t: t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point()
-                                        else None))
+    def to(self: C, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+           non_blocking: bool = False) -> C:
+        """Every field on `device`; floating fields also in `dtype`. `non_blocking`: a CPU -> CUDA move goes through
+        pinned memory without blocking the host (engine.transfer.to_device)."""
+        def move(t: torch.Tensor) -> torch.Tensor:
+            if non_blocking and device is not None:
+                t = to_device(t, device)
+            return t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else None)
+
+        return self._map(move)
 
     def expand(self: C, batch: int) -> C:
         """A batch-1 conditioning repeated `batch` times (a view: the unconditional prompt)."""
@@ -165,6 +173,10 @@ class VAE(Protocol):
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents as the transformer sees them -> [B, 3, H, W] in [-1, 1]."""
+        ...
+
+    def to(self, device: torch.device | str) -> VAE:
+        """Move the VAE's weights to `device` (decoding follows them there); returns self."""
         ...
 
 

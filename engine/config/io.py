@@ -12,6 +12,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from engine.config.eval_schema import TrackingConfig, ValidationConfig
 from engine.config.schema import (
     Config,
     DataConfig,
@@ -242,7 +243,7 @@ SECTIONS: list[tuple[str, type]] = [
     ("(top level)", Config), ("[model]", ModelConfig), ("[student]", StudentConfig), ("[[teachers]]", TeacherConfig),
     ("[[fields]]", FieldConfig), ("[init]", InitConfig), ("[data]", DataConfig), ("[rollout]", RolloutConfig),
     ("[opd]", OPDConfig), ("[train]", TrainConfig), ("[kernels]", KernelsConfig), ("[report]", ReportConfig),
-    ("[experiment]", ExperimentConfig),
+    ("[experiment]", ExperimentConfig), ("[validation]", ValidationConfig), ("[tracking]", TrackingConfig),
 ]
 
 

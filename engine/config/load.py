@@ -56,6 +56,9 @@ def validate(c: Config) -> list[str]:
             p.append(f"report.world = {c.report.world!r}; valid: {', '.join(world_names())}")
         elif c.report.enabled or c.report.eval_every:
             p += world.config_problems(c)
+    from engine.eval.checks import config_problems
+
+    p += config_problems(c)
     p += _variant_problems(c)
     return p
 

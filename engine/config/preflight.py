@@ -38,7 +38,9 @@ def check_paths(c: Config) -> list[str]:
     existing = next((q for q in [out, *out.parents] if q.exists()), None)
     if existing is not None and (not existing.is_dir() or not os.access(existing, os.W_OK)):
         p.append(f"output_dir: {existing} is not a writable directory")
-    return p
+    from engine.eval.checks import path_problems
+
+    return p + path_problems(c)
 
 
 def check_environment(c: Config) -> list[str]:
@@ -61,6 +63,9 @@ def check_environment(c: Config) -> list[str]:
         except (ValueError, UnicodeDecodeError) as exc:
             p.append(f"train.deepspeed: cannot parse {ds}: {exc}")
     p.extend(_check_prompts(c))
+    from engine.eval.checks import environment_problems
+
+    p.extend(environment_problems(c))
     try:
         backend = get_backend(c.model.family)
     except KeyError:

@@ -9,8 +9,10 @@ every problem. `python -m engine.config --reference` generates docs/config.md fr
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
+
+from engine.config.checks import choice, finite, need, need_num
+from engine.config.eval_schema import TrackingConfig, ValidationConfig
 
 LOSSES = ("mse", "gkd", "kl_only")  # the built-in losses (engine/opd/losses.py registers them and any others)
 ROUTINGS = ("task", "step", "epoch")
@@ -19,35 +21,11 @@ SAMPLERS = ("sde", "ode")
 MERGES = ("none", "average", "svd")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 ATTENTION = ("reference", "fused")
-ATTENTION_BACKENDS = ("sdpa", "flash", "xformers")
+ATTENTION_BACKENDS = ("auto", "sdpa", "sdpa-cudnn", "sdpa-flash", "sdpa-efficient", "sdpa-math", "flash", "xformers")
 FIELD_EVALUATORS = ("reference", "batched")
+COMPILE = ("none", "blocks")
 LORA_INITS = ("gaussian", "default", "zeros")
 RESERVED_NAMES = ("base", "student")
-
-
-def choice(problems: list[str], where: str, value: str, valid: tuple[str, ...]) -> None:
-    """Append a problem when `value` is not one of `valid`."""
-    if value not in valid:
-        problems.append(f"{where} = {value!r}; valid: {', '.join(valid)}")
-
-
-def need(problems: list[str], where: str, value: object, ok: bool, rule: str) -> None:
-    """Append `<where> = <value>; <rule>` unless `ok`."""
-    if not ok:
-        problems.append(f"{where} = {value}; {rule}")
-
-
-def need_num(problems: list[str], where: str, value: float, ok: bool, rule: str) -> None:
-    """Append a problem when `value` is not finite, else when not `ok` (`<where> = <value>; <rule>`)."""
-    if _finite(problems, where, value):
-        need(problems, where, value, ok, rule)
-
-
-def _finite(problems: list[str], where: str, value: float) -> bool:
-    if not math.isfinite(value):
-        problems.append(f"{where} = {value}; must be a finite number")
-        return False
-    return True
 
 
 @dataclass
@@ -67,7 +45,10 @@ class ModelConfig:
     attention: str = "reference"
     """Joint-attention implementation: reference (diffusers + peft) or fused (LoRA-fused processor)."""
     attention_backend: str = "sdpa"
-    """Attention kernel of the fused processor: sdpa, flash (flash-attn), xformers; falls back to sdpa."""
+    """sdpa (torch's SDPA order), auto (cuDNN > flash > efficient > math on Hopper), an SDPA kernel (sdpa-cudnn, -flash,
+    -efficient, -math), flash (flash-attn), xformers (fused only); one that cannot run falls back to sdpa (logged)."""
+    compile: str = "none"
+    """none, or blocks: torch.compile each transformer block (regional: one graph per block, shared by all of them)."""
     gradient_checkpointing: bool = False
     """Recompute transformer blocks in the student's backward to save activation memory."""
     family: str = "sd3"
@@ -79,6 +60,7 @@ class ModelConfig:
         choice(p, "model.dtype", self.dtype, DTYPES)
         choice(p, "model.attention", self.attention, ATTENTION)
         choice(p, "model.attention_backend", self.attention_backend, ATTENTION_BACKENDS)
+        choice(p, "model.compile", self.compile, COMPILE)
         need(p, "model.latent_size", self.latent_size, self.latent_size >= 0 and self.latent_size % 2 == 0,
              "must be 0 (preset default) or a positive even number")
         return p
@@ -188,7 +170,7 @@ class InitConfig:
         if self.weights and len(self.weights) != n_merge:
             p.append(f"init.weights has {len(self.weights)} entries for {n_merge} merged teachers")
         for i, w in enumerate(self.weights):
-            _finite(p, f"init.weights[{i}]", w)
+            finite(p, f"init.weights[{i}]", w)
         if self.merge != "none" and self.adapter:
             p.append("init: set either `merge` or `adapter`, not both")
         if self.merge == "average":  # loaded teachers' ranks are checked when they are loaded
@@ -257,7 +239,7 @@ class RolloutConfig:
         need(p, "rollout.steps", self.steps, self.steps >= 2, "must be >= 2")
         need_num(p, "rollout.shift", self.shift, self.shift > 0, "must be > 0")
         choice(p, "rollout.sampler", self.sampler, SAMPLERS)
-        if _finite(p, "rollout.noise_level", self.noise_level) and self.sampler == "sde" and self.noise_level <= 0:
+        if finite(p, "rollout.noise_level", self.noise_level) and self.sampler == "sde" and self.noise_level <= 0:
             p.append(f"rollout.noise_level = {self.noise_level}; must be > 0 for the sde sampler")
         need_num(p, "rollout.cfg_scale", self.cfg_scale, self.cfg_scale >= 0, "must be >= 0")
         need(p, "rollout.group_size", self.group_size, self.group_size >= 1, "must be >= 1")
@@ -364,6 +346,9 @@ class TrainConfig:
     """Stop after this many consecutive steps with a non-finite loss or gradient (each is skipped)."""
     profile_steps: str = ""
     """`A:B`: bracket optimizer steps [A, B) with cudaProfilerStart/Stop for nsys --capture-range."""
+    phase_timing: bool = False
+    """Synchronise the GPU at every phase end so metrics.jsonl's time/<phase> are GPU seconds (one host sync per phase);
+    off: on CUDA time/<phase> is the host's issue time (step_s stays the step's wall time); on CPU both are equal."""
 
     def problems(self) -> list[str]:
         """Impossible values of [train]."""
@@ -403,11 +388,17 @@ class KernelsConfig:
     graph and replayed (eager on CPU or when capture fails). SDE step noise then comes from the in-kernel Philox
     stream, still keyed by (seed, sample id, step); switching this in a run changes the SDE noise."""
 
+    lora_merge_rows: int = 0
+    """Batched evaluator: a frozen adapter's segment of >= this many token rows (images x tokens) runs as one GEMM with
+    W + s B A merged instead of base GEMM + segmented LoRA; 0 = never (docs/multi_lora.md: crossover ~1k at 512 px)."""
+
     def problems(self) -> list[str]:
-        """Unknown ops and backends in [kernels]."""
+        """Unknown ops and backends in [kernels], a negative merge threshold."""
         from engine.ops import problems
 
-        return problems(self.default, self.backends)
+        p = problems(self.default, self.backends)
+        need(p, "kernels.lora_merge_rows", self.lora_merge_rows, self.lora_merge_rows >= 0, "must be >= 0 (0 = off)")
+        return p
 
 
 @dataclass
@@ -470,6 +461,8 @@ class Config:
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def problems(self) -> list[str]:
         """Every impossible value and dangling reference that needs no model code and no files."""
@@ -496,4 +489,5 @@ class Config:
             p.append("fields is empty: define at least one field to distill from")
         p += self.opd.problems(fields, self.rollout)
         p += self.train.problems() + self.kernels.problems() + self.report.problems()
+        p += self.validation.problems() + self.tracking.problems()
         return p

@@ -34,7 +34,8 @@ class BatchedFieldEvaluator(PeftFieldEvaluator):
 
     `reference=True` keeps the per-field peft loop of the parent class (same API, same results).
     `fuse_grad=True` puts the trainable adapter's rows into the same forward even when grad is enabled
-    (see the module docstring for why that is off by default).
+    (see the module docstring for why that is off by default). `merge_rows` (`kernels.lora_merge_rows`): frozen
+    adapters' segments of at least that many token rows run against merged weights (engine/adapters/multi_lora.py).
     """
 
     def __init__(
@@ -47,11 +48,12 @@ class BatchedFieldEvaluator(PeftFieldEvaluator):
         trainable: str | None = STUDENT,
         reference: bool = False,
         fuse_grad: bool = False,
+        merge_rows: int = 0,
     ):
         super().__init__(model, velocity, fields, uncond)
         self.reference = reference
         self.fuse_grad = fuse_grad
-        self.state = install_multi_lora(model, trainable)
+        self.state = install_multi_lora(model, trainable, merge_rows=merge_rows)
 
     def _trainable_field(self, f: Field) -> bool:
         """The field's adapter is the trainable one and its peft parameters require grad."""

@@ -17,6 +17,7 @@ from engine.backends.base import TensorCond
 from engine.fields.field import Field
 from engine.fields.rows import MAX_RUNS, _runs, plan_rows, take
 from engine.profiling import nvtx_range
+from engine.transfer import device_ints
 
 Velocity = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, TensorCond], torch.Tensor]
 """The model family's v(model, x, sigma, cond) (`ModelBackend.velocity`)."""
@@ -85,10 +86,11 @@ class PeftFieldEvaluator:
 
 
 def scatter(out: torch.Tensor, idx: Sequence[int], v: torch.Tensor) -> None:
-    """out[idx] = v, by slices where `idx` is a few contiguous runs (no host-to-device index copy)."""
+    """out[idx] = v, by slices where `idx` is a few contiguous runs, else through a cached device index (no
+    host-to-device copy per call)."""
     runs = _runs(idx)
     if len(runs) > MAX_RUNS:
-        out[torch.tensor(list(idx), device=out.device)] = v
+        out[device_ints(idx, out.device)] = v
         return
     pos = 0
     for a, b in runs:

@@ -23,6 +23,7 @@ from engine.fields.rows import take
 from engine.opd.losses import LossOutput, Transition, opd_loss
 from engine.opd.query import select_queries
 from engine.sampling.rollout import Trajectory
+from engine.transfer import to_device
 
 PhaseRange = Callable[[str, str], AbstractContextManager]
 """`timer.range(name, colour)`: the phase timer's NVTX + wall-time range."""
@@ -59,8 +60,8 @@ class OPDObjective:
 
     def queries(self, sample_ids: Sequence[int], seed: int) -> torch.Tensor:
         """[B, chunks] state indices of each sample (a pure function of seed and sample id)."""
-        return select_queries(self.steps, sample_ids, self.cfg.query_states, self.cfg.query_bias,
-                              seed).to(self.sigmas.device)
+        return to_device(select_queries(self.steps, sample_ids, self.cfg.query_states, self.cfg.query_bias, seed),
+                         self.sigmas.device)  # pinned, non-blocking: the rollout just issued keeps the GPU busy
 
     def transition(self, traj: Trajectory, queries: torch.Tensor, j: int) -> Transition:
         """The transitions of query slot `j` of every sample."""

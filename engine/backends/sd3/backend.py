@@ -37,7 +37,13 @@ def sigma_to_timestep(sigma: torch.Tensor) -> torch.Tensor:
 
 
 def predict_velocity(model: torch.nn.Module, x: torch.Tensor, sigma: torch.Tensor, cond: SD3Cond) -> torch.Tensor:
-    """v(x, sigma | cond) of the transformer with whatever adapter is active; sigma is [B] (or scalar)."""
+    """v(x, sigma | cond) of the transformer with whatever adapter is active; sigma is [B] (or scalar).
+
+    The timestep stays float32 whatever the model dtype, as StableDiffusion3Pipeline passes the scheduler's
+    timesteps: diffusers' `Timesteps` projection runs in float32 and casts only its sinusoidal output to the
+    weights' dtype. A bf16 timestep would move 913.35 (sigma 0.913 of the 10-step shift-3 schedule) to 912 and
+    the embedding by up to 41% (DESIGN §1); the experts were trained with float32 t.
+    """
     sigma = torch.as_tensor(sigma, device=x.device, dtype=torch.float32)
     if sigma.ndim == 0:
         sigma = sigma.expand(x.shape[0])
@@ -46,7 +52,7 @@ def predict_velocity(model: torch.nn.Module, x: torch.Tensor, sigma: torch.Tenso
         hidden_states=x.to(dtype),
         encoder_hidden_states=cond.prompt_embeds.to(dtype),
         pooled_projections=cond.pooled.to(dtype),
-        timestep=sigma_to_timestep(sigma).to(dtype),
+        timestep=sigma_to_timestep(sigma),
         return_dict=False,
     )[0]
     return out
@@ -197,12 +203,14 @@ class SD3Backend:
 
     def install_attention(self, model: torch.nn.Module, kind: str, backend: str) -> None:
         """`fused`: the LoRA-fused joint-attention processor (engine/backends/sd3/attention.py); `reference`: as
-        loaded (diffusers' JointAttnProcessor2_0 with peft's LoRA layers)."""
-        if kind != "fused":
-            return
-        from engine.backends.sd3.attention import install_attention
+        loaded (diffusers' JointAttnProcessor2_0 with peft's LoRA layers), its SDPA call under `backend`'s kernel
+        choice unless that is `sdpa` (torch's own)."""
+        from engine.backends.sd3.attention import install_attention, install_reference
 
-        install_attention(model, backend=backend)  # FLOWOPD_BACKEND[_JOINT_ATTENTION]=torch: diffusers' processor
+        if kind == "fused":
+            install_attention(model, backend=backend)  # FLOWOPD_BACKEND[_JOINT_ATTENTION]=torch: diffusers' processor
+        elif backend != "sdpa":
+            install_reference(model, backend)
 
     def forward_flops(self, spec: ModelSpec, lora_rank: int | None, lora_targets: Sequence[str],
                       edit: bool = False) -> float:

@@ -34,6 +34,11 @@ class SD3VAE:
         except Exception as exc:  # diffusers/safetensors raise many types for bad files
             raise ModelLoadError(f"cannot load the VAE in {sub}: {exc}") from exc
 
+    def to(self, device: torch.device | str) -> SD3VAE:
+        """Move the VAE to `device` (encode/decode run where its weights are); returns self."""
+        self.vae.to(device)
+        return self
+
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] in [-1, 1] -> latents [B, C, H/8, W/8] as the transformer sees them."""

@@ -7,6 +7,7 @@
 - `engine.worlds.toy.model`: the transformer config, `load_toy()` (base + experts + encoder), EXPERTS.
 - `engine.worlds.toy.eval`: sampling and the table row of any adapter (`python -m engine.worlds.toy.eval`).
 - `engine.worlds.toy.report`: the report (table, samples, reward curves) and the `RewardCurve` callback.
+- `engine.worlds.toy.scorers`: the rewards as engine.eval scorers (`toy:task`, `toy:quality`).
 
 Plugged into core code as the world `toy` (engine/worlds): `toy:<rel>` paths, `builtin:toy` prompts,
 `data.encoder = "toy"`, `report.world = "toy"`.
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from engine.worlds import register_world
+from engine.worlds.toy.scorers import register as register_scorers
 
 if TYPE_CHECKING:
     from engine.backends.base import ImageEncoder, TextEncoder
@@ -73,3 +75,4 @@ class ToyWorld:
 
 
 register_world(ToyWorld())
+register_scorers()
