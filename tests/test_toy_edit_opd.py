@@ -60,9 +60,27 @@ def test_config_validates_and_wrong_keys_are_named() -> None:
     assert "needs data.encoder = 'toy_edit' (got 'builtin')" in text
     assert "kernels.cuda_graphs = true: Z-Image's forward" in text
     assert "model.attention = 'fused'" in text and "single-stream" in text
+
+
+
+def test_real_size_recipe_carries_danceopds_hyperparameters_and_fits_the_architecture() -> None:
+    """configs/zimage_danceopd.toml against DanceOPD's configs/zimage_danceopd.yaml (a spec, not a result), and its
+    targets and latent size on the real Z-Image architecture built on the meta device."""
+    from engine.config import check_environment
+
     real = load_config(REPO / "configs" / "zimage_danceopd.toml")  # paths are placeholders: no preflight
-    assert (real.student.rank, real.train.lr, real.rollout.steps, real.model.latent_size, real.model.dtype) == (
-        128, 2e-4, 16, 128, "bfloat16")
+    assert (real.student.rank, real.student.alpha, real.train.lr, real.train.weight_decay) == (128, 128.0, 2e-4, 0.0)
+    assert (real.rollout.steps, real.rollout.sampler, real.rollout.cfg_scale, real.train.grad_accum) == (16, "ode", 1.0,
+                                                                                                        4)
+    assert (real.opd.loss, real.opd.query_states, real.opd.query_bias) == ("mse", 1, "low")
+    assert (real.model.latent_size, real.model.dtype, real.model.family) == (128, "bfloat16", "zimage")
+    assert real.student.targets == ["to_q", "to_k", "to_v", "to_out.0", "w1", "w2", "w3"]
+    assert (real.model.attention, real.opd.evaluator, real.kernels.default, real.kernels.cuda_graphs) == (
+        "reference", "reference", "torch", False)  # fast paths off until their GPU parity
+    c = load_config(REPO / "configs" / "zimage_danceopd.toml", ['model.path=""', 'model.preset="zimage-omni"',
+                                                                'data.prompts="builtin:toy_edit"',
+                                                                'data.encoder="builtin"'])
+    assert check_environment(c) == []
 
 
 @pytest.fixture(scope="module")
