@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import torch
 
 from engine import ops
-from engine.adapters.export import export_adapter
+from engine.adapters.export import clean_stale_exports, export_adapter
 from engine.adapters.lora import STUDENT, freeze_for_training
 from engine.backends import get_backend
 from engine.backends.base import TensorCond
@@ -45,8 +45,10 @@ from engine.metrics import MetricsWriter
 from engine.opd.objective import ChunkResult, OPDObjective
 from engine.opd.routing import Router
 from engine.profiling import CudaProfilerWindow, PhaseTimer
+from engine.resume import ResumePolicy
 from engine.sampling.rollout import EagerRollout, Rollout
 from engine.student import build_student
+from engine.watchdog import StepWatchdog
 
 log = logging.getLogger("flowopd")
 
@@ -81,7 +83,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 class Trainer:
     """One run of one student: build everything from the config, resume if a checkpoint exists, train, export."""
 
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, resume: ResumePolicy | None = None):
         import deepspeed
 
         self.config = c = config
@@ -99,9 +101,12 @@ class Trainer:
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
             self.lock = RunDirLock(self.out)
-            write_atomic(self.out / "config.toml", to_toml(c))
-        self.checkpointer = Checkpointer(c, self.comm, self.hooks)
+            for stale in clean_stale_exports(self.out / "export"):
+                log.info("removed %s (left by an interrupted export)", stale)
+        self.checkpointer = Checkpointer(c, self.comm, self.hooks, resume)
         self.resume_from = self.checkpointer.find()
+        if self.rank == 0:  # only now: a re-run refused above leaves the record of the run it would have mixed with
+            write_atomic(self.out / "config.toml", to_toml(c))
 
         # ---- model, data (embeddings cached once: rank 0 builds, the others read)
         self.backend = get_backend(c.model.family)
@@ -112,12 +117,12 @@ class Trainer:
         cache = Path(c.data.cache) if c.data.cache else self.out / "prompt_cache.safetensors"
         texts = [p.text for p in self.prompts if not p.source]  # edit rows: engine.data.images caches their captions
         if self.rank == 0:
-            self.embeddings = load_or_build(encoder, texts, cache, self.backend.cond_type)
+            self.embeddings = load_or_build(encoder, texts, cache, self.backend.cond_type, self.dtype)
         self.comm.barrier()
         if self.rank != 0:
-            self.embeddings = load_or_build(encoder, texts, cache, self.backend.cond_type)
+            self.embeddings = load_or_build(encoder, texts, cache, self.backend.cond_type, self.dtype)
         self.conditioning = row_conditioning(c, self.backend, self.spec, self.prompts, encoder, self.embeddings,
-                                             self.out, self.rank, self.comm.broadcast)
+                                             self.out, self.rank, self.comm.broadcast, self.dtype)
         self.sampler = PromptSampler(self.prompts, c.train.seed, c.train.prompts_per_step, c.rollout.group_size,
                                      c.train.grad_accum, self.world, self.rank, c.data.task_weights or None)
         self.sigmas = self.backend.sigmas(c.rollout.steps, c.rollout.shift).to(self.device)
@@ -157,10 +162,11 @@ class Trainer:
             self.start_step, client = self.checkpointer.load(self.engine, self.resume_from)
             self.load_state_dict(client)
         if self.rank == 0:
-            self.checkpointer.check_free_space(sum(p.numel() for p in params))
+            self.checkpointer.check_free_space(self.engine)
         self.metrics = MetricsWriter(self.out / "metrics.jsonl", self.start_step) if self.rank == 0 else None
         self.last_logged: dict[str, Any] | None = None
         self.profiler = CudaProfilerWindow(c.train.profile_steps)
+        self.watchdog = StepWatchdog(self.rank, self.world, self.timer, c.train.step_timeout)
 
     # ------------------------------------------------------------------------------------------ setup
 
@@ -226,6 +232,7 @@ class Trainer:
             routes = self.router.route(step, batch.tasks)
             cond = self.conditioning.rows(batch.prompt_ids).to(self.device, non_blocking=True)
             with self.timer.range("rollout", "green"):
+                self.hooks.hit("step.rollout", step)
                 traj = self.rollout(cond, batch.sample_ids, self.sigmas)
             queries = self.objective.queries(batch.sample_ids, c.train.seed)
             for j in range(self.objective.chunks):
@@ -323,7 +330,20 @@ class Trainer:
         if self.start_step == 0:
             for cb in callbacks:
                 cb(self, 0)
-        for step in bar:
+        self.watchdog.start()
+        try:
+            self._loop(bar, callbacks, rows)
+        finally:
+            self.watchdog.stop()
+        self.export()
+        self.comm.barrier()
+        return rows
+
+    def _loop(self, steps: Any, callbacks: Sequence[StepCallback], rows: list[dict[str, Any]]) -> None:
+        """The steps of `train`, each watched by the watchdog from its start to the end of its checkpoint."""
+        c = self.config.train
+        for step in steps:
+            self.watchdog.begin(step)
             self.hooks.hit("step.begin", step)
             self.profiler.before_step(step)
             row = self.train_step(step)
@@ -335,17 +355,16 @@ class Trainer:
                 self.metrics.write(row)
                 self.last_logged = row  # what the trackers see (engine/eval/callbacks.py)
             self.hooks.hit("step.logged", step)
-            bar.set_postfix(loss=f"{row.get('loss', float('nan')):.4g}", img_s=f"{row['images_per_s']:.1f}")
+            steps.set_postfix(loss=f"{row.get('loss', float('nan')):.4g}", img_s=f"{row['images_per_s']:.1f}")
             for cb in callbacks:
                 cb(self, step + 1)
             if (c.save_every and (step + 1) % c.save_every == 0) or step + 1 == c.steps:
                 self.save_checkpoint(step + 1, final=step + 1 == c.steps)
-        self.export()
-        self.comm.barrier()
-        return rows
+            self.watchdog.end(step)
 
     def close(self) -> None:
-        """Close the metrics file and release the run-dir lock."""
+        """Close the metrics and prompt-cache files and release the run-dir lock."""
+        self.embeddings.close()
         if self.metrics is not None:
             self.metrics.close()
         if self.lock is not None:

@@ -30,6 +30,8 @@ def check_paths(c: Config) -> list[str]:
     need("init.adapter", c.init.adapter, "adapter")
     if not c.data.prompts.startswith("builtin:"):
         need("data.prompts", c.data.prompts, "prompt file")
+        if resolve_path(c.data.prompts).is_dir():
+            p.append(f"data.prompts: {c.data.prompts} is a directory; expected a .jsonl or .txt prompt file")
     if c.data.encoder != "builtin" and find_world(c.data.encoder) is None:
         need("data.encoder", c.data.encoder, f"{c.model.family} pipeline dir")
     if not deepspeed_json(c).is_file():

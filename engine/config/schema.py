@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from engine.config.checks import choice, finite, need, need_num
+from engine.config.checks import choice, finite, need, need_num, need_seed
 from engine.config.eval_schema import TrackingConfig, ValidationConfig
 
 LOSSES = ("mse", "gkd", "kl_only")  # the built-in losses (engine/opd/losses.py registers them and any others)
@@ -63,6 +63,7 @@ class ModelConfig:
         choice(p, "model.compile", self.compile, COMPILE)
         need(p, "model.latent_size", self.latent_size, self.latent_size >= 0 and self.latent_size % 2 == 0,
              "must be 0 (preset default) or a positive even number")
+        need_seed(p, "model.init_seed", self.init_seed)
         return p
 
 
@@ -114,6 +115,7 @@ class TeacherConfig:
         if bool(self.path) == (self.random_seed >= 0):
             p.append(f"{where} ({self.name}): set exactly one of `path` or `random_seed`")
         need(p, f"{where}.rank", self.rank, self.rank > 0, "must be > 0")
+        need_seed(p, f"{where}.random_seed", self.random_seed, off=-1)
         need_num(p, f"{where}.alpha", self.alpha, self.alpha >= 0, "must be >= 0 (0 = from the file)")
         return p
 
@@ -349,6 +351,10 @@ class TrainConfig:
     phase_timing: bool = False
     """Synchronise the GPU at every phase end so metrics.jsonl's time/<phase> are GPU seconds (one host sync per phase);
     off: on CUDA time/<phase> is the host's issue time (step_s stays the step's wall time); on CPU both are equal."""
+    step_timeout: float = 0.0
+    """Seconds one optimizer step (with its checkpoint) may take on any rank before the job stops, naming the stuck
+    rank and its phase (engine/watchdog.py); 0 = auto: max(300, 10 x the median step time), 1800 until 3 steps are
+    timed; -1 = off."""
 
     def problems(self) -> list[str]:
         """Impossible values of [train]."""
@@ -365,6 +371,9 @@ class TrainConfig:
         need(p, "train.save_every", self.save_every, self.save_every >= 0, "must be >= 0")
         need(p, "train.keep_checkpoints", self.keep_checkpoints, self.keep_checkpoints >= 1, "must be >= 1")
         need(p, "train.max_nonfinite", self.max_nonfinite, self.max_nonfinite >= 1, "must be >= 1")
+        need_seed(p, "train.seed", self.seed)
+        need_num(p, "train.step_timeout", self.step_timeout, self.step_timeout >= 0 or self.step_timeout == -1,
+                 "must be >= 0 (0 = auto) or -1 (off)")
         if self.profile_steps:
             try:
                 a, b = (int(x) for x in self.profile_steps.split(":"))
@@ -430,6 +439,8 @@ class ReportConfig:
         need(p, "report.samples_per_prompt", self.samples_per_prompt, self.samples_per_prompt >= 1, "must be >= 1")
         if not self.seeds:
             p.append("report.seeds is empty")
+        for i, seed in enumerate(self.seeds):
+            need_seed(p, f"report.seeds[{i}]", seed)
         return p
 
 

@@ -183,10 +183,11 @@ def build_image_encoder(spec: str, backend: ModelBackend, model: ModelSpec, devi
 
 def row_conditioning(config: Config, backend: ModelBackend, model: ModelSpec, prompts: Sequence[Prompt],
                      encoder: TextEncoder, t2i: PromptEmbeddings, out_dir: Path, rank: int,
-                     broadcast: Callable[[Any], Any]) -> RowConditioning:
-    """The run's `RowConditioning`: for a prompt set with edit rows, the edit captions and the source images are
-    encoded once into their caches. Rank 0 builds them; `broadcast` (rank 0's value on every rank, a collective)
-    then hands the image encoder's identity to the other ranks, which read without building an encoder."""
+                     broadcast: Callable[[Any], Any], dtype: torch.dtype = torch.float32) -> RowConditioning:
+    """The run's `RowConditioning`: for a prompt set with edit rows, the edit captions (in `dtype`, as the prompt
+    cache) and the source images are encoded once into their caches. Rank 0 builds them; `broadcast` (rank 0's value
+    on every rank, a collective) then hands the image encoder's identity to the other ranks, which read without
+    building an encoder. Edit rows take the captions' dtype (`with_images` casts the image tensors)."""
     if not any(p.source for p in prompts):
         return RowConditioning(prompts, t2i)
     d = config.data
@@ -198,7 +199,7 @@ def row_conditioning(config: Config, backend: ModelBackend, model: ModelSpec, pr
     digests = {f: file_digest(f) for f in sorted({p.source for p in prompts if p.source})}
     identity = ""
     if rank == 0:
-        edit = load_or_build(captions, edit_texts, caption_cache, backend.cond_type)
+        edit = load_or_build(captions, edit_texts, caption_cache, backend.cond_type, dtype)
         image_encoder = build_image_encoder(d.encoder, backend, model)
         identity = image_encoder.identity
         cache = ImageCache(identity, image_dir)
@@ -208,6 +209,6 @@ def row_conditioning(config: Config, backend: ModelBackend, model: ModelSpec, pr
         del image_encoder  # its VAE / SigLIP are not needed once the cache is built
     identity = broadcast(identity)
     if rank != 0:
-        edit = load_or_build(captions, edit_texts, caption_cache, backend.cond_type)
+        edit = load_or_build(captions, edit_texts, caption_cache, backend.cond_type, dtype)
     return RowConditioning(prompts, t2i, edit, ImageCache(identity, image_dir),
                            [digests.get(p.source, "") for p in prompts])
