@@ -164,3 +164,13 @@ def test_row_conditioning_puts_each_rows_image_in_its_row(tmp_path: Path) -> Non
         for name, t in want.tensors().items():
             assert torch.equal(getattr(rows, name)[k], t[0]), (k, name)
     assert not torch.equal(rows.source[0], rows.source[3])  # two rows, one prompt, two sources
+
+
+def test_prompt_cache_keeps_zero_size_fields_per_row(tmp_path: Path) -> None:
+    """Z-Image without a SigLIP branch stores `siglip` as [N, 0, 0]: reading rows of it must give [rows, 0, 0]."""
+    text = HashPromptEncoder(32, SHAPE, 16)
+    emb = load_or_build(text, ["[t2i] a red square at day", "[t2i] a blue square at day"], tmp_path / "c.safetensors",
+                        ZImageCond)
+    rows = emb.cond(["[t2i] a blue square at day", ""])
+    assert rows.siglip.shape == (2, 0, 0) and emb.uncond.siglip.shape == (1, 0, 0)
+    assert torch.equal(rows.cap, text.encode(["[t2i] a blue square at day", ""]).cap)
