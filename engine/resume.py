@@ -32,7 +32,8 @@ from engine.config.io import from_dict
 from engine.config.schema import Config
 
 OPERATIONAL = ("output_dir", "train.steps", "train.save_every", "train.keep_checkpoints", "train.log_every",
-               "train.max_nonfinite", "train.profile_steps", "train.step_timeout", "data.cache", "report",
+               "train.max_nonfinite", "train.profile_steps", "train.step_timeout", "data.cache", "data.image_cache",
+               "report",
                "experiment")
 IMPLEMENTATION = ("model.attention", "model.attention_backend", "model.gradient_checkpointing", "opd.evaluator",
                   "kernels.default", "kernels.backends", "train.deepspeed")

@@ -31,6 +31,7 @@ from engine.checkpointer import Checkpointer
 from engine.config.io import deepspeed_json, to_toml
 from engine.config.schema import Config
 from engine.data.cache import load_or_build
+from engine.data.images import row_conditioning
 from engine.data.prompts import load_prompts
 from engine.data.sampler import PromptSampler
 from engine.data.text import build_text_encoder
@@ -46,7 +47,6 @@ from engine.opd.routing import Router
 from engine.profiling import CudaProfilerWindow, PhaseTimer
 from engine.resume import ResumePolicy
 from engine.sampling.rollout import EagerRollout, Rollout
-from engine.sampling.schedule import flow_match_sigmas
 from engine.student import build_student
 from engine.watchdog import StepWatchdog
 
@@ -115,15 +115,17 @@ class Trainer:
         self.router = Router(c.opd, self.prompts, c.train.seed)
         encoder = build_text_encoder(c.data.encoder, self.backend, self.spec, c.data.max_sequence_length)
         cache = Path(c.data.cache) if c.data.cache else self.out / "prompt_cache.safetensors"
-        texts = [p.text for p in self.prompts]
+        texts = [p.text for p in self.prompts if not p.source]  # edit rows: engine.data.images caches their captions
         if self.rank == 0:
             self.embeddings = load_or_build(encoder, texts, cache, self.backend.cond_type, self.dtype)
         self.comm.barrier()
         if self.rank != 0:
             self.embeddings = load_or_build(encoder, texts, cache, self.backend.cond_type, self.dtype)
+        self.conditioning = row_conditioning(c, self.backend, self.spec, self.prompts, encoder, self.embeddings,
+                                             self.out, self.rank, self.comm.broadcast, self.dtype)
         self.sampler = PromptSampler(self.prompts, c.train.seed, c.train.prompts_per_step, c.rollout.group_size,
                                      c.train.grad_accum, self.world, self.rank, c.data.task_weights or None)
-        self.sigmas = flow_match_sigmas(c.rollout.steps, c.rollout.shift).to(self.device)
+        self.sigmas = self.backend.sigmas(c.rollout.steps, c.rollout.shift).to(self.device)
         self.rows = c.train.prompts_per_step * c.rollout.group_size
 
         # ---- DeepSpeed
@@ -228,7 +230,7 @@ class Trainer:
             batch = self.sampler.batch(step, micro, pool, pool_key)
             data_crc = zlib.crc32(json.dumps(batch.sample_ids).encode(), data_crc)
             routes = self.router.route(step, batch.tasks)
-            cond = self.embeddings.cond(batch.texts).to(self.device, non_blocking=True)
+            cond = self.conditioning.rows(batch.prompt_ids).to(self.device, non_blocking=True)
             with self.timer.range("rollout", "green"):
                 self.hooks.hit("step.rollout", step)
                 traj = self.rollout(cond, batch.sample_ids, self.sigmas)

@@ -52,7 +52,7 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     """Recompute transformer blocks in the student's backward to save activation memory."""
     family: str = "sd3"
-    """Model family (engine/backends): sd3 (SD3 / SD3.5 MMDiT)."""
+    """Model family (engine/backends): sd3 (SD3 / SD3.5 MMDiT), zimage (Z-Image: text-to-image and edit rows)."""
 
     def problems(self) -> list[str]:
         """Impossible values of [model] that do not depend on the family."""
@@ -128,7 +128,7 @@ class FieldConfig:
     source: str = "base"
     """`base` (adapters disabled) or a teacher name."""
     cfg_scale: float = 1.0
-    """Guidance scale of the field's CFG operator v_u + g (v_c - v_u); 1.0 = plain conditional velocity."""
+    """Guidance scale g of the CFG operator v_u + g (v_c - v_u); 1.0 = plain v_c. Z-Image's guidance_scale is g - 1."""
     operator: str = "cfg"
     """How the field's conditional and unconditional velocities combine when cfg_scale != 1 (engine/fields/field.py
     OPERATORS): cfg = v_u + g (v_c - v_u)."""
@@ -188,13 +188,18 @@ class InitConfig:
 class DataConfig:
     """[data]: prompts, text encoder, prompt cache, task weights."""
     prompts: str = "builtin:tiny"
-    """Prompt set: `builtin:<name>` (the engine's `tiny`, or a miniature world's set, e.g. `builtin:toy`) or a
-    .jsonl ({"prompt": ..., "task": ...}) / .txt (`[task] text`) file."""
+    """Prompt set: `builtin:<name>` (the engine's `tiny`, or a miniature world's set, e.g. `builtin:toy`), a .csv
+    with DanceOPD's columns `task,prompt,source_image,target_image` (image paths relative to the file), or a
+    .jsonl ({"prompt": ..., "task": ..., optionally "source_image", "target_image"}) / .txt (`[task] text`) file. A
+    row with a source_image is an edit row (the image conditions it; model.family = "zimage")."""
     encoder: str = "builtin"
     """Text encoder: builtin (deterministic hash encoder), a miniature world's encoder by the world's name (e.g.
-    toy), or a local pipeline dir of the model family (SD3: its CLIP-L, CLIP-G and T5 encoders)."""
+    toy), or a local pipeline dir of the family (SD3: CLIP-L, CLIP-G, T5; Z-Image: Qwen, and VAE + SigLIP for edits)."""
     cache: str = ""
     """Prompt-embedding cache (safetensors); empty = `<output_dir>/prompt_cache.safetensors`."""
+    image_cache: str = ""
+    """Source-image cache dir of edit rows (one safetensors file per image, keyed by its sha256 and the image
+    encoder; engine/data/images.py); empty = `<output_dir>/image_cache`. Shared between runs and users safely."""
     max_sequence_length: int = 256
     """T5 tokens for the SD3 encoders (77 CLIP + this many T5 tokens per prompt)."""
     task_weights: dict[str, float] = field(default_factory=dict)
@@ -226,7 +231,7 @@ class RolloutConfig:
     noise_level: float = 0.7
     """SDE noise level a; s = a sqrt(sigma / (1 - sigma))."""
     cfg_scale: float = 1.0
-    """Guidance scale of the student's own rollout (Flow-OPD 4.5, DanceOPD 1.0 = unguided)."""
+    """Guidance of the student's own rollout (Flow-OPD 4.5, DanceOPD 1.0 = unguided; Z-Image's guidance_scale + 1)."""
     group_size: int = 1
     """Images per prompt."""
 

@@ -82,8 +82,9 @@ class RowFile:
             got = os.preadv(self.fd, [memoryview(buf)[j * row : (j + 1) * row]], offset + i * row)
             if got != row:
                 raise OSError(f"{self.path}: short read of row {i} of {name!r} (truncated file?)")
+        # a field with zero-size rows (Z-Image's `siglip` [N, 0, 0] without a SigLIP branch) still has len(index) rows
         return torch.frombuffer(buf, dtype=dtype).reshape(len(index), *shape[1:]) if buf else \
-            torch.empty(0, *shape[1:], dtype=dtype)
+            torch.empty(len(index), *shape[1:], dtype=dtype)
 
     def close(self) -> None:
         """Close the file (a later `rows` opens it again)."""

@@ -221,6 +221,12 @@ class SD3Backend:
         model = load_transformer(path, dtype)
         return model, spec_of(preset_from_model(model, text_tokens, latent_size or None))
 
+    def sigmas(self, steps: int, shift: float) -> torch.Tensor:
+        """FlowMatchEulerDiscreteScheduler(shift)'s sigmas (engine.sampling.schedule, bit-identical to diffusers)."""
+        from engine.sampling.schedule import flow_match_sigmas
+
+        return flow_match_sigmas(steps, shift)
+
     def velocity(self, model: torch.nn.Module, x: torch.Tensor, sigma: torch.Tensor,
                  cond: SD3Cond) -> torch.Tensor:  # type: ignore[override]
         """v(x, sigma | cond): the transformer at timestep 1000 sigma."""
@@ -241,6 +247,14 @@ class SD3Backend:
             raise ValueError(f"data.encoder = {spec!r}: not builtin and not a local SD3 pipeline dir")
         return SD3TextEncoder(spec, max_sequence_length, device)
 
+    def image_encoder(self, spec: str, model_spec: ModelSpec, device: str | None = None) -> Any:
+        """SD3 has no edit conditioning: ValueError."""
+        raise ValueError(f"model.family = {self.family!r} has no edit conditioning (no source images); use zimage")
+
+    def source_image_problem(self, config: Config, size: tuple[int, int]) -> str:
+        """Every source image: SD3 cannot condition on one."""
+        return f"model.family = {self.family!r} has no edit conditioning (source images need e.g. zimage)"
+
     def vae(self, path: Path | None) -> SD3VAE | None:
         """The pipeline dir's `vae/` (None without a pipeline dir: presets and transformer-only dirs)."""
         from engine.backends.sd3.vae import SD3VAE
@@ -260,8 +274,11 @@ class SD3Backend:
         elif backend != "sdpa":
             install_reference(model, backend)
 
-    def forward_flops(self, spec: ModelSpec, lora_rank: int | None, lora_targets: Sequence[str]) -> float:
+    def forward_flops(self, spec: ModelSpec, lora_rank: int | None, lora_targets: Sequence[str],
+                      edit: bool = False) -> float:
         """MMDiT forward FLOPs per image (engine/backends/sd3/flops.py), LoRA on the attention projections."""
+        if edit:
+            raise ValueError("SD3 has no edit rows")
         from engine.backends.sd3.flops import Lora, MMDiTDims, forward_flops
 
         lora = None if lora_rank is None else Lora(lora_rank, tuple(lora_targets))
