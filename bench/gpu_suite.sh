@@ -56,6 +56,8 @@ if ((DRY)); then
   export FLOWOPD_BENCH_SMOKE=1 CUDA_VISIBLE_DEVICES=""  # CPU, smoke sizes, every GPU path skipped or emulated
 fi
 export PYTHONPATH="$ROOT:$SITE${PYTHONPATH:+:$PYTHONPATH}"
+# every step is one process of its own: inherited RANK/MASTER_PORT (a launcher, a test) would join another group
+unset RANK WORLD_SIZE LOCAL_RANK MASTER_ADDR MASTER_PORT
 STEPS=$WORK/steps.tsv
 : >"$STEPS"
 : >"$LOG"

@@ -134,7 +134,9 @@ class HostSyncCensus(TorchFunctionMode):
         out: list[str] = []
         seen: set[str] = set()
         for i, f in enumerate(frames):
-            ours = f.filename.startswith(self.root) and "/tests/" not in f.filename
+            # a venv inside the checkout (CI's .venv) holds packages, not repo code
+            ours = (f.filename.startswith(self.root) and "/tests/" not in f.filename
+                    and "-packages/" not in f.filename)
             if i and not ours or f.filename in seen:
                 continue
             name = str(Path(f.filename).relative_to(self.root)) if ours else _short(f.filename)

@@ -72,6 +72,7 @@ def build_student(config: Config, backend: ModelBackend) -> tuple[torch.nn.Modul
     backend.install_attention(model, c.model.attention, c.model.attention_backend)
     if c.model.compile == "blocks":
         compile_blocks(model)
+    drop_buffers_from_state(model)
     return model, spec
 
 
@@ -190,3 +191,16 @@ def export_student(model: torch.nn.Module, out_dir: Path, backend: ModelBackend)
             p.requires_grad_(g)
         for layer, names, disabled in active:
             layer._active_adapter, layer._disable_adapters = names, disabled
+def drop_buffers_from_state(model: torch.nn.Module) -> int:
+    """Mark every buffer of the training model non-persistent, so no checkpoint writes one; returns their bytes.
+
+    A buffer is frozen state that the model rebuilds (SD3's sin-cos `pos_embed`) or that the base weights hold, never
+    something training changes; DeepSpeed's `exclude_frozen_parameters` drops only parameters. Measured on SD3.5-M:
+    `pos_embed.pos_embed` (384^2 positions x 1536, float32) is 906 MB, 75% of a 1.24 GB Flow-OPD checkpoint."""
+    total = 0
+    for module in model.modules():
+        for name, buf in module.named_buffers(recurse=False):
+            if buf is not None and name not in module._non_persistent_buffers_set:
+                module._non_persistent_buffers_set.add(name)
+                total += buf.numel() * buf.element_size()
+    return total

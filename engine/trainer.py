@@ -24,6 +24,7 @@ from typing import Any, Protocol
 import torch
 
 from engine import ops
+from engine.adapters.export import clean_stale_exports
 from engine.adapters.lora import STUDENT, freeze_for_training
 from engine.backends import get_backend
 from engine.backends.base import TensorCond
@@ -31,6 +32,7 @@ from engine.checkpointer import Checkpointer
 from engine.config.io import deepspeed_json, to_toml
 from engine.config.schema import Config
 from engine.data.cache import load_or_build
+from engine.data.images import row_conditioning
 from engine.data.prompts import load_prompts
 from engine.data.sampler import PromptSampler
 from engine.data.text import build_text_encoder
@@ -46,9 +48,10 @@ from engine.opd.objective import ChunkResult, OPDObjective
 from engine.opd.query import num_candidates
 from engine.opd.routing import Router
 from engine.profiling import CudaProfilerWindow, PhaseTimer
+from engine.resume import ResumePolicy
 from engine.sampling.rollout import EagerRollout, Rollout
-from engine.sampling.schedule import flow_match_sigmas
 from engine.student import build_student, export_student, load_full_teachers
+from engine.watchdog import StepWatchdog
 
 log = logging.getLogger("flowopd")
 
@@ -83,7 +86,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 class Trainer:
     """One run of one student: build everything from the config, resume if a checkpoint exists, train, export."""
 
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, resume: ResumePolicy | None = None):
         import deepspeed
 
         self.config = c = config
@@ -101,9 +104,12 @@ class Trainer:
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
             self.lock = RunDirLock(self.out)
-            write_atomic(self.out / "config.toml", to_toml(c))
-        self.checkpointer = Checkpointer(c, self.comm, self.hooks)
+            for stale in clean_stale_exports(self.out / "export"):
+                log.info("removed %s (left by an interrupted export)", stale)
+        self.checkpointer = Checkpointer(c, self.comm, self.hooks, resume)
         self.resume_from = self.checkpointer.find()
+        if self.rank == 0:  # only now: a re-run refused above leaves the record of the run it would have mixed with
+            write_atomic(self.out / "config.toml", to_toml(c))
 
         # ---- model, data (embeddings cached once: rank 0 builds, the others read)
         self.backend = get_backend(c.model.family)
@@ -112,15 +118,17 @@ class Trainer:
         self.router = Router(c.opd, self.prompts, c.train.seed)
         encoder = build_text_encoder(c.data.encoder, self.backend, self.spec, c.data.max_sequence_length)
         cache = Path(c.data.cache) if c.data.cache else self.out / "prompt_cache.safetensors"
-        texts = [p.text for p in self.prompts]
+        texts = [p.text for p in self.prompts if not p.source]  # edit rows: engine.data.images caches their captions
         if self.rank == 0:
-            self.embeddings = load_or_build(encoder, texts, cache, self.backend.cond_type)
+            self.embeddings = load_or_build(encoder, texts, cache, self.backend.cond_type, self.dtype)
         self.comm.barrier()
         if self.rank != 0:
-            self.embeddings = load_or_build(encoder, texts, cache, self.backend.cond_type)
+            self.embeddings = load_or_build(encoder, texts, cache, self.backend.cond_type, self.dtype)
+        self.conditioning = row_conditioning(c, self.backend, self.spec, self.prompts, encoder, self.embeddings,
+                                             self.out, self.rank, self.comm.broadcast, self.dtype)
         self.sampler = PromptSampler(self.prompts, c.train.seed, c.train.prompts_per_step, c.rollout.group_size,
                                      c.train.grad_accum, self.world, self.rank, c.data.task_weights or None)
-        self.sigmas = flow_match_sigmas(c.rollout.steps, c.rollout.shift).to(self.device)
+        self.sigmas = self.backend.sigmas(c.rollout.steps, c.rollout.shift).to(self.device)
         self.rows = c.train.prompts_per_step * c.rollout.group_size
 
         # ---- DeepSpeed
@@ -163,10 +171,11 @@ class Trainer:
             self.start_step, client = self.checkpointer.load(self.engine, self.resume_from)
             self.load_state_dict(client)
         if self.rank == 0:
-            self.checkpointer.check_free_space(sum(p.numel() for p in params))
+            self.checkpointer.check_free_space(self.engine)
         self.metrics = MetricsWriter(self.out / "metrics.jsonl", self.start_step) if self.rank == 0 else None
         self.last_logged: dict[str, Any] | None = None
         self.profiler = CudaProfilerWindow(c.train.profile_steps)
+        self.watchdog = StepWatchdog(self.rank, self.world, self.timer, c.train.step_timeout)
 
     # ------------------------------------------------------------------------------------------ setup
 
@@ -238,8 +247,9 @@ class Trainer:
             batch = self.sampler.batch(step, micro, draw.pool, draw.key, draw.pool_step)
             data_crc = zlib.crc32(json.dumps(batch.sample_ids).encode(), data_crc)
             routes = self.router.route(step, batch.tasks)
-            cond = self.embeddings.cond(batch.texts).to(self.device, non_blocking=True)
+            cond = self.conditioning.rows(batch.prompt_ids).to(self.device, non_blocking=True)
             with self.timer.range("rollout", "green"):
+                self.hooks.hit("step.rollout", step)
                 traj = self.objective.states(self.rollout, cond, batch.sample_ids, routes)
             queries = self.objective.queries(batch.sample_ids, c.train.seed)
             for j in range(self.objective.chunks):
@@ -340,7 +350,20 @@ class Trainer:
             with self.ema_weights():
                 for cb in callbacks:
                     cb(self, 0)
-        for step in bar:
+        self.watchdog.start()
+        try:
+            self._loop(bar, callbacks, rows)
+        finally:
+            self.watchdog.stop()
+        self.export()
+        self.comm.barrier()
+        return rows
+
+    def _loop(self, steps: Any, callbacks: Sequence[StepCallback], rows: list[dict[str, Any]]) -> None:
+        """The steps of `train`, each watched by the watchdog from its start to the end of its checkpoint."""
+        c = self.config.train
+        for step in steps:
+            self.watchdog.begin(step)
             self.hooks.hit("step.begin", step)
             self.profiler.before_step(step)
             row = self.train_step(step)
@@ -354,18 +377,17 @@ class Trainer:
                 self.metrics.write(row)
                 self.last_logged = row  # what the trackers see (engine/eval/callbacks.py)
             self.hooks.hit("step.logged", step)
-            bar.set_postfix(loss=f"{row.get('loss', float('nan')):.4g}", img_s=f"{row['images_per_s']:.1f}")
+            steps.set_postfix(loss=f"{row.get('loss', float('nan')):.4g}", img_s=f"{row['images_per_s']:.1f}")
             with self.ema_weights():  # the world's reward curve scores what eval and export use
                 for cb in callbacks:
                     cb(self, step + 1)
             if (c.save_every and (step + 1) % c.save_every == 0) or step + 1 == c.steps:
                 self.save_checkpoint(step + 1, final=step + 1 == c.steps)
-        self.export()
-        self.comm.barrier()
-        return rows
+            self.watchdog.end(step)
 
     def close(self) -> None:
-        """Close the metrics file and release the run-dir lock."""
+        """Close the metrics and prompt-cache files and release the run-dir lock."""
+        self.embeddings.close()
         if self.metrics is not None:
             self.metrics.close()
         if self.lock is not None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from engine.config.checks import choice, finite, need, need_num
+from engine.config.checks import choice, finite, need, need_num, need_seed
 from engine.config.eval_schema import TrackingConfig, ValidationConfig
 from engine.config.opd import FIELD_EVALUATORS, LOSSES, QUERY_BIAS, ROUTINGS, OPDConfig  # noqa: F401 (re-exported)
 
@@ -51,7 +51,7 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     """Recompute transformer blocks in the student's backward to save activation memory."""
     family: str = "sd3"
-    """Model family (engine/backends): sd3 (SD3 / SD3.5 MMDiT)."""
+    """Model family (engine/backends): sd3 (SD3 / SD3.5 MMDiT), zimage (Z-Image: text-to-image and edit rows)."""
 
     def problems(self) -> list[str]:
         """Impossible values of [model] that do not depend on the family."""
@@ -62,6 +62,7 @@ class ModelConfig:
         choice(p, "model.compile", self.compile, COMPILE)
         need(p, "model.latent_size", self.latent_size, self.latent_size >= 0 and self.latent_size % 2 == 0,
              "must be 0 (preset default) or a positive even number")
+        need_seed(p, "model.init_seed", self.init_seed)
         return p
 
 
@@ -113,6 +114,7 @@ class TeacherConfig:
         if bool(self.path) == (self.random_seed >= 0):
             p.append(f"{where} ({self.name}): set exactly one of `path` or `random_seed`")
         need(p, f"{where}.rank", self.rank, self.rank > 0, "must be > 0")
+        need_seed(p, f"{where}.random_seed", self.random_seed, off=-1)
         need_num(p, f"{where}.alpha", self.alpha, self.alpha >= 0, "must be >= 0 (0 = from the file)")
         return p
 
@@ -125,7 +127,7 @@ class FieldConfig:
     source: str = "base"
     """`base` (adapters disabled) or a teacher name."""
     cfg_scale: float = 1.0
-    """Guidance scale of the field's CFG operator v_u + g (v_c - v_u); 1.0 = plain conditional velocity."""
+    """Guidance scale g of the CFG operator v_u + g (v_c - v_u); 1.0 = plain v_c. Z-Image's guidance_scale is g - 1."""
     operator: str = "cfg"
     """How the field's conditional and unconditional velocities combine when cfg_scale != 1 (engine/fields/field.py
     OPERATORS): cfg = v_u + g (v_c - v_u)."""
@@ -191,13 +193,18 @@ class InitConfig:
 class DataConfig:
     """[data]: prompts, text encoder, prompt cache, task weights."""
     prompts: str = "builtin:tiny"
-    """Prompt set: `builtin:<name>` (the engine's `tiny`, or a miniature world's set, e.g. `builtin:toy`) or a
-    .jsonl ({"prompt": ..., "task": ...}) / .txt (`[task] text`) file."""
+    """Prompt set: `builtin:<name>` (the engine's `tiny`, or a miniature world's set, e.g. `builtin:toy`), a .csv
+    with DanceOPD's columns `task,prompt,source_image,target_image` (image paths relative to the file), or a
+    .jsonl ({"prompt": ..., "task": ..., optionally "source_image", "target_image"}) / .txt (`[task] text`) file. A
+    row with a source_image is an edit row (the image conditions it; model.family = "zimage")."""
     encoder: str = "builtin"
     """Text encoder: builtin (deterministic hash encoder), a miniature world's encoder by the world's name (e.g.
-    toy), or a local pipeline dir of the model family (SD3: its CLIP-L, CLIP-G and T5 encoders)."""
+    toy), or a local pipeline dir of the family (SD3: CLIP-L, CLIP-G, T5; Z-Image: Qwen, and VAE + SigLIP for edits)."""
     cache: str = ""
     """Prompt-embedding cache (safetensors); empty = `<output_dir>/prompt_cache.safetensors`."""
+    image_cache: str = ""
+    """Source-image cache dir of edit rows (one safetensors file per image, keyed by its sha256 and the image
+    encoder; engine/data/images.py); empty = `<output_dir>/image_cache`. Shared between runs and users safely."""
     max_sequence_length: int = 256
     """T5 tokens for the SD3 encoders (77 CLIP + this many T5 tokens per prompt)."""
     task_weights: dict[str, float] = field(default_factory=dict)
@@ -229,7 +236,7 @@ class RolloutConfig:
     noise_level: float = 0.7
     """SDE noise level a; s = a sqrt(sigma / (1 - sigma))."""
     cfg_scale: float = 1.0
-    """Guidance scale of the student's own rollout (Flow-OPD 4.5, DanceOPD 1.0 = unguided)."""
+    """Guidance of the student's own rollout (Flow-OPD 4.5, DanceOPD 1.0 = unguided; Z-Image's guidance_scale + 1)."""
     group_size: int = 1
     """Images per prompt."""
 
@@ -292,6 +299,10 @@ class TrainConfig:
     ema_repeats: int = 1
     """EMA moves per due step: Flow-OPD calls its EMA after every rollout micro-batch, i.e. A times per optimizer
     step (ema = p + d^A (ema - p); A = 4 in its 8-GPU config: 8 micro-batches, 2 optimizer steps per epoch)."""
+    step_timeout: float = 0.0
+    """Seconds one optimizer step (with its checkpoint) may take on any rank before the job stops, naming the stuck
+    rank and its phase (engine/watchdog.py); 0 = auto: max(300, 10 x the median step time), 1800 until 3 steps are
+    timed; -1 = off."""
 
     def problems(self) -> list[str]:
         """Impossible values of [train]."""
@@ -311,6 +322,9 @@ class TrainConfig:
         need_num(p, "train.ema_decay", self.ema_decay, 0 <= self.ema_decay < 1, "must be in [0, 1) (0 = off)")
         need(p, "train.ema_every", self.ema_every, self.ema_every >= 1, "must be >= 1")
         need(p, "train.ema_repeats", self.ema_repeats, self.ema_repeats >= 1, "must be >= 1")
+        need_seed(p, "train.seed", self.seed)
+        need_num(p, "train.step_timeout", self.step_timeout, self.step_timeout >= 0 or self.step_timeout == -1,
+                 "must be >= 0 (0 = auto) or -1 (off)")
         if self.profile_steps:
             try:
                 a, b = (int(x) for x in self.profile_steps.split(":"))
@@ -376,6 +390,8 @@ class ReportConfig:
         need(p, "report.samples_per_prompt", self.samples_per_prompt, self.samples_per_prompt >= 1, "must be >= 1")
         if not self.seeds:
             p.append("report.seeds is empty")
+        for i, seed in enumerate(self.seeds):
+            need_seed(p, f"report.seeds[{i}]", seed)
         return p
 
 

@@ -3,7 +3,9 @@
 `BatchedFieldEvaluator` is a drop-in for the reference `PeftFieldEvaluator`: `velocities(x, sigma, cond, rows)`
 lays out the rows of all fields with the row plan (a CFG field contributes a conditional and an unconditional row,
 rows grouped by adapter slot), runs one forward with the segmented layers of `engine.adapters.multi_lora` active,
-and combines CFG afterwards.
+and combines CFG afterwards. A family whose rows of different kinds run as separate forwards
+(`TensorCond.forward_groups`: Z-Image's text-to-image and edit rows) gets one segmented forward per group, each with
+its own rows' segment metadata.
 
 Rows of a field with a model of its own (a full-checkpoint teacher, `models`) run in that model's forward, apart
 from the batched one.
@@ -98,8 +100,19 @@ class BatchedFieldEvaluator(PeftFieldEvaluator):
         self, x: torch.Tensor, sigma: torch.Tensor, cond: TensorCond, fields: Sequence[Field], rows: list[int]
     ) -> list[tuple[list[int], torch.Tensor]]:
         plan = plan_rows(fields, rows, self.state.slot)
-        batch = SegmentBatch.from_slots(plan.slots, x.device)
         names = ",".join(dict.fromkeys(fields[i].name for i in rows))
-        with nvtx_range(f"fields:batched[{names}]", "orange"), self.state.segments(batch):
-            v = self.velocity(self.model, *plan.inputs(x, sigma, cond, self.uncond))
+        xs, sigmas, conds = plan.inputs(x, sigma, cond, self.uncond)
+        groups = conds.forward_groups()  # rows the family runs as separate forwards (Z-Image: T2I vs edit rows)
+        with nvtx_range(f"fields:batched[{names}]", "orange"):
+            if len(groups) == 1:
+                with self.state.segments(SegmentBatch.from_slots(plan.slots, x.device)):
+                    v = self.velocity(self.model, xs, sigmas, conds)
+            else:  # one segmented forward per group, each with its own rows' segment metadata
+                parts = []
+                for g in groups:
+                    with self.state.segments(SegmentBatch.from_slots([plan.slots[i] for i in g], x.device)):
+                        parts.append((g, self.velocity(self.model, take(xs, g), take(sigmas, g), take(conds, g))))
+                v = torch.empty((len(plan), *parts[0][1].shape[1:]), dtype=parts[0][1].dtype, device=x.device)
+                for g, vg in parts:
+                    scatter(v, g, vg)
         return plan.combine(v, fields)
