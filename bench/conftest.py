@@ -6,6 +6,7 @@ Benchmarks compare providers side by side in one run (reference vs triton vs cud
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import platform
 import shutil
@@ -19,11 +20,13 @@ import torch  # noqa: E402
 
 
 def _versions() -> dict[str, str]:
+    """Installed versions, read from the package metadata: importing deepspeed here costs ~10 s at session end, and a
+    step stopped by SIGINT meanwhile (bench/gpu_suite.sh) loses its whole JSON (measured in the suite's dry run)."""
     out = {"torch": torch.__version__, "python": platform.python_version()}
     for name in ("triton", "diffusers", "peft", "deepspeed", "transformers"):
         try:
-            out[name] = __import__(name).__version__
-        except Exception:  # optional in some environments (e.g. the GPU image without diffusers)
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:  # optional in some environments (the GPU image)
             out[name] = "missing"
     return out
 

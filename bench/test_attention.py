@@ -3,17 +3,19 @@
 Run (GPU): `python -m pytest bench/test_attention.py --benchmark-enable --benchmark-json=bench/results/attention.json`
 (add `-k "seq1024 and dual"` etc. to narrow). On CPU the same file runs a tiny shape as a smoke test;
 GPU-only providers (flash-attn, xformers) skip, and torch.compile providers skip unless
-FLOWOPD_BENCH_COMPILE=1 (compiling costs ~100 s per provider on 2 CPU cores).
+FLOWOPD_BENCH_COMPILE=1, on a GPU too (compiling costs ~100 s per provider on 2 CPU cores, and 16 builds do not fit
+the GPU suite's step).
 
 Three groups, each comparing providers side by side:
 - `block`: the whole JointTransformerBlock (bf16, LoRA r=32 alpha=64 on the 8 attention projections of the
   student adapter, batch 16, 1024 or 4096 image + 333 text tokens), forward (rollout/teacher, no_grad) and
   forward+backward (student: LoRA params and block inputs need grads). Providers: diffusers+peft eager and
-  torch.compile'd, ours (sdpa / flash / xformers) eager and compiled. Speedup vs diffusers+peft in extra_info.
+  torch.compile'd, ours (sdpa / auto = cuDNN first on Hopper / flash / xformers) eager and compiled. Speedup vs
+  diffusers+peft in extra_info.
 - `qkv`: the image-stream q|k|v projection alone: plain GEMM against the concatenated base weights (the goal's
   yardstick: ours within 1.10x), ours (LoRA folded in), peft (three lora.Linear calls).
-- `attn`: the attention core on the joint [B, S, 24, 64] q/k/v, per backend (goal: >= 400 TFLOP/s forward at
-  1024+333 on H100).
+- `attn`: the attention core on the joint [B, S, 24, 64] q/k/v, per backend of engine/backends/sd3/sdpa.py (auto,
+  sdpa and each SDPA kernel alone; goal: >= 400 TFLOP/s forward at 1024+333 on H100).
 
 FLOPs count useful work per modality (separate image/text weights), not 2 * params * tokens:
 GEMMs 2*M*N*K, LoRA as peft computes it (shrink + expand, 4*N*d*r per target), attention 4*B*S^2*H*D
@@ -24,6 +26,7 @@ forward, attention 2.5x its forward (5 matmuls vs 2); base weight grads are not 
 from __future__ import annotations
 
 import copy
+import functools
 import importlib.metadata
 import os
 import subprocess
@@ -51,18 +54,25 @@ else:  # smoke-test size: same code paths, seconds on 2 cores
     SEQS = {"seq64": (64, 16)}
 DIM = PRESET["attention_head_dim"] * PRESET["num_attention_heads"]
 HEADS, HEAD_DIM = PRESET["num_attention_heads"], PRESET["attention_head_dim"]
-COMPILE = CUDA or os.environ.get("FLOWOPD_BENCH_COMPILE") == "1"
+# torch.compile providers only when asked: 16 Inductor builds do not fit a GPU lease's step (issue 18)
+COMPILE = os.environ.get("FLOWOPD_BENCH_COMPILE") == "1"
 PROVIDERS = [
     "diffusers+peft",
     "diffusers+peft+compile",
     "ours-sdpa",
+    "ours-auto",
     "ours-sdpa+compile",
     "ours-flash",
     "ours-xformers",
 ]
 _MEDIANS: dict[tuple, float] = {}
+# timed rounds per group on a GPU (FLOWOPD_BENCH_ROUNDS sets all three: bench/gpu_suite.sh fits its step with 5)
+ROUNDS = {"block": 10, "qkv": 20, "attn": 20} if CUDA else {}
+if os.environ.get("FLOWOPD_BENCH_ROUNDS"):
+    ROUNDS = dict.fromkeys(("block", "qkv", "attn"), int(os.environ["FLOWOPD_BENCH_ROUNDS"]))
 
 
+@functools.cache
 def _info() -> dict:
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
@@ -110,7 +120,7 @@ def _student_block(dual: bool) -> torch.nn.Module:
 
 def _provider_block(base: torch.nn.Module, provider: str) -> torch.nn.Module:
     if provider.endswith("+compile") and not COMPILE:
-        pytest.skip("torch.compile on CPU costs ~100 s per provider; set FLOWOPD_BENCH_COMPILE=1")
+        pytest.skip("torch.compile providers cost ~100 s each on CPU; set FLOWOPD_BENCH_COMPILE=1")
     name = provider.removesuffix("+compile")
     if name in ("ours-flash", "ours-xformers"):
         backend = name.split("-")[1]
@@ -129,7 +139,7 @@ def _sync() -> None:
 
 
 def _record(benchmark, key: tuple, flops: float, reference: tuple | None = None) -> None:
-    benchmark.extra_info.update(_info())
+    benchmark.extra_info.update(dict(_info()))
     benchmark.extra_info["gflop"] = flops / 1e9
     stats = getattr(benchmark, "stats", None)
     if stats is None or stats.stats is None:  # --benchmark-disable: ran once as a smoke test
@@ -190,7 +200,7 @@ def test_block(benchmark, blocks, kind, seq, mode, provider):
             ref = blocks[dual](hs, enc, temb)
         for a, b in zip(ours, ref):
             assert (a.float() - b.float()).norm() <= 2e-2 * b.float().norm()
-    benchmark.pedantic(step, warmup_rounds=3, rounds=10 if CUDA else 3, iterations=1)
+    benchmark.pedantic(step, warmup_rounds=3, rounds=ROUNDS.get("block", 3), iterations=1)
     flops = block_flops(s_img, s_txt, dual, backward)
     eager_ref = (kind, seq, mode, "diffusers+peft")
     _record(benchmark, (kind, seq, mode, provider), flops, None if provider == "diffusers+peft" else eager_ref)
@@ -244,7 +254,7 @@ def test_qkv_projection(benchmark, blocks, seq, mode, provider):
                 fwd()
         _sync()
 
-    benchmark.pedantic(step, warmup_rounds=3, rounds=20 if CUDA else 3, iterations=1)
+    benchmark.pedantic(step, warmup_rounds=3, rounds=ROUNDS.get("qkv", 3), iterations=1)
     flops = 2 * BATCH * s_img * DIM * 3 * DIM * (2 if backward else 1)  # the plain GEMM's work: the yardstick
     ref = None if provider == "plain-gemm" else (seq, mode, "plain-gemm")
     _record(benchmark, (seq, mode, provider), flops, ref)
@@ -278,7 +288,7 @@ def test_attention_core(benchmark, seq, mode, backend):
                 sdpa.attention_bshd(q, k, v, backend)
         _sync()
 
-    benchmark.pedantic(step, warmup_rounds=3, rounds=20 if CUDA else 3, iterations=1)
+    benchmark.pedantic(step, warmup_rounds=3, rounds=ROUNDS.get("attn", 3), iterations=1)
     flops = 4 * BATCH * s * s * HEADS * HEAD_DIM * (3.5 if backward else 1)
     _record(benchmark, (seq, mode, backend), flops, None if backend == "sdpa" else (seq, mode, "sdpa"))
     benchmark.extra_info.update(batch=BATCH, seq=s, heads=HEADS, head_dim=HEAD_DIM, mode=mode)

@@ -15,6 +15,9 @@ Providers, each returning every field's velocity for the same rows:
   against (issue goal: batched <= 1.10x base on H100);
 - `batched-triton` / `batched-torch`: `BatchedFieldEvaluator`, one forward, segmented kernel / gather-bmm;
 - `peft-loop`: `PeftFieldEvaluator`, peft's adapter switching, one forward per field (goal: batched >= 1.5x at K=4);
+- `merged-segments`: `batched-triton` with `merge_rows = 1`: every frozen adapter's segment as one GEMM against
+  W + s B A (the merged-weight path of engine/adapters/multi_lora.py; its crossover per projection is what
+  bench/gpu_probe.py's `lora_merge` sweep measures);
 - `merged`: per field, merge the adapter into the base weights, forward, unmerge (the Flow-OPD layout without
   K+2 weight copies).
 Reported per run (extra_info, and a line on stdout): images/s (forward rows / s), field velocities / s,
@@ -27,6 +30,7 @@ world holds 8 teachers for every K).
 
 from __future__ import annotations
 
+import os
 import statistics
 import subprocess
 import time
@@ -46,15 +50,14 @@ from kernels.lora_segmented import triton_available
 
 CUDA = torch.cuda.is_available()
 K_VALUES = (1, 2, 4, 8)
-PROVIDERS = ("base", "peft-loop", "batched-triton", "batched-torch", "merged")  # references first: ratios
+# references first: ratios
+PROVIDERS = ("base", "peft-loop", "batched-triton", "batched-torch", "merged-segments", "merged")
 CFG = 4.5
-ROUNDS = 5 if CUDA else 3
+ROUNDS = int(os.environ.get("FLOWOPD_BENCH_ROUNDS", "5" if CUDA else "3"))
 _MEDIANS: dict[tuple[int, str], float] = {}
 
 
 def _q() -> int:
-    import os
-
     return int(os.environ.get("FLOWOPD_BENCH_Q", "4" if CUDA else "2"))
 
 
@@ -122,8 +125,9 @@ def world() -> World:
 def _provider(world: World, k: int, name: str) -> Callable[[], torch.Tensor]:
     x, sigma, cond, rows = world.query(k)
     fields = world.fields(k)
-    if name.startswith("batched"):
-        ev = BatchedFieldEvaluator(world.model, predict_velocity, fields, world.uncond)
+    if name.startswith("batched") or name == "merged-segments":
+        merge = 1 if name == "merged-segments" else 0  # every frozen segment against W + s B A (lora_merge_rows)
+        ev = BatchedFieldEvaluator(world.model, predict_velocity, fields, world.uncond, merge_rows=merge)
         return lambda: ev.velocities(x, sigma, cond, rows)
     if name == "peft-loop":
         ref = PeftFieldEvaluator(world.model, predict_velocity, fields, world.uncond)
@@ -196,7 +200,7 @@ def _versions() -> dict[str, str]:
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("k", K_VALUES)
 def test_multi_teacher(benchmark, world: World, k: int, provider: str, monkeypatch) -> None:
-    if provider == "batched-triton":
+    if provider in ("batched-triton", "merged-segments"):
         if not triton_available():
             pytest.skip("Triton needs a GPU or TRITON_INTERPRET=1")
         if not CUDA and k > 2:  # the same code path at every K; interpreted, K = 8 costs ~20 s per forward
@@ -246,7 +250,7 @@ def test_multi_teacher(benchmark, world: World, k: int, provider: str, monkeypat
         "adapters_gib": world.adapter_bytes / 2**30,
         "resident_weights_gib": resident_bytes(world.model) / 2**30,
         "resident_over_base_plus_adapters": resident_bytes(world.model) / (world.weight_bytes + world.adapter_bytes),
-        "triton_interpreted": provider == "batched-triton" and not CUDA,
+        "triton_interpreted": provider in ("batched-triton", "merged-segments") and not CUDA,
         **_versions(),
     }
     _MEDIANS[(k, provider)] = sec

@@ -32,9 +32,12 @@ log = logging.getLogger(__name__)
 POINTER = "latest.json"
 MANIFEST = "manifest.json"
 _TAG = re.compile(r"^step_\d{8}$")
-# Bytes per trainable parameter in a ZeRO checkpoint: the module copy (<= 4) + fp32 master (4) + Adam's two
-# moments (8); measured 131 kB for the tiny preset's 4864 student parameters + 2 x ~30 kB of pickle overhead.
-BYTES_PER_PARAM = 16
+# A ZeRO checkpoint holds, per trainable parameter, the module copy (in the model dtype, counted from the tensors
+# DeepSpeed will write) + the fp32 master copy (4 bytes) + Adam's two fp32 moments (8), plus a fixed part: names,
+# shapes, the DeepSpeed config and zip entries. Measured on the tiny preset (4864 student parameters, 48 tensors):
+# 124 kB written for 78 kB of state, i.e. ~46 kB fixed; 128 kB leaves room for more tensor names.
+OPTIMIZER_BYTES_PER_PARAM = 12
+FIXED_BYTES = 128 << 10
 
 
 def tag_for(step: int) -> str:
@@ -104,26 +107,61 @@ def complete_checkpoints(root: Path) -> list[Path]:
     return sorted(dirs, key=lambda p: p.name, reverse=True)
 
 
+def unfinished_dirs(root: Path) -> list[Path]:
+    """`step_*` dirs without a manifest. The writer renames a dir to `step_*` only after its manifest is in it, so
+    one without is not this engine's checkpoint: a copy cut short, or files moved by hand."""
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if _TAG.match(p.name) and p.is_dir() and not (p / MANIFEST).is_file())
+
+
+def quarantined(root: Path) -> list[Path]:
+    """Checkpoints moved aside as `<tag>.corrupt*` (by this or an earlier start)."""
+    return sorted(p for p in root.iterdir() if re.match(r"^step_\d{8}\.corrupt\d*$", p.name)) if root.is_dir() else []
+
+
+def quarantine_dir(ckpt: Path) -> Path:
+    """Rename a checkpoint that must never be loaded to `<tag>.corrupt` (kept for inspection); returns the new path."""
+    bad = free_name(ckpt.with_name(ckpt.name + ".corrupt"))
+    os.replace(ckpt, bad)
+    return bad
+
+
 def find_resumable(root: Path, quarantine: bool = False) -> tuple[Path, dict[str, Any]] | None:
     """The newest checkpoint that verifies, or None. A checkpoint that fails verification is skipped with a
     warning naming the bad file (and, with `quarantine`, renamed `<tag>.corrupt` so it is never tried again);
-    the next older one is tried. `latest.json` is informational: a kill between the rename of a new checkpoint
+    the next older one is tried. A `step_*` dir without a manifest is never loaded either: a warning names it (and
+    it is quarantined the same way). `latest.json` is informational: a kill between the rename of a new checkpoint
     and the pointer update leaves the pointer one behind, and the newer complete checkpoint is still used."""
+    for odd in unfinished_dirs(root):
+        log.warning("checkpoint dir %s has no %s: not a checkpoint this engine finished writing; never loaded", odd,
+                    MANIFEST)
+        if quarantine:
+            log.warning("moved it to %s", quarantine_dir(odd))
     for ckpt in complete_checkpoints(root):
         try:
             manifest = verify(ckpt)
         except CheckpointError as exc:
             log.warning("%s; falling back to an older checkpoint", exc)
             if quarantine:
-                bad = _free_name(ckpt.with_name(ckpt.name + ".corrupt"))
-                os.replace(ckpt, bad)
-                log.warning("moved the corrupt checkpoint to %s", bad)
+                log.warning("moved the corrupt checkpoint to %s", quarantine_dir(ckpt))
             continue
         return ckpt, manifest["meta"]
     return None
 
 
-def _free_name(path: Path) -> Path:
+def scan_pickles(ckpt: Path) -> None:
+    """Vet every torch file of a verified checkpoint with the restricted unpickler (engine/safe_load.py); raises
+    UnsafeCheckpointError naming the first file that would run code. Hashes prove a file is the one the manifest
+    lists, not that the manifest is ours: a planted payload can be re-hashed."""
+    from engine.safe_load import scan
+
+    for f in sorted(ckpt.rglob("*.pt")):
+        scan(f)
+
+
+def free_name(path: Path) -> Path:
+    """`path`, or `path` with a number appended when that name is taken."""
     candidate, i = path, 1
     while candidate.exists():
         candidate, i = path.with_name(f"{path.name}{i}"), i + 1
@@ -132,7 +170,7 @@ def _free_name(path: Path) -> Path:
 
 def _remove(path: Path) -> None:
     """Delete a checkpoint dir so that a kill half-way never leaves a dir that looks complete but is not."""
-    doomed = _free_name(path.with_name(path.name + ".deleting"))
+    doomed = free_name(path.with_name(path.name + ".deleting"))
     os.replace(path, doomed)
     shutil.rmtree(doomed, ignore_errors=True)
 
@@ -157,6 +195,13 @@ def clean_stale(root: Path) -> list[Path]:
         else:
             p.unlink(missing_ok=True)
     return stale
+
+
+def estimate_bytes(module_state: dict[str, Any], trainable: int) -> int:
+    """The size of one checkpoint before any is written: the tensors of `module_state` (what DeepSpeed saves of
+    the module) + the optimizer state of `trainable` parameters + the fixed part."""
+    tensors = sum(t.numel() * t.element_size() for t in module_state.values() if hasattr(t, "element_size"))
+    return tensors + OPTIMIZER_BYTES_PER_PARAM * trainable + FIXED_BYTES
 
 
 def checkpoint_bytes(ckpt: Path) -> int:
@@ -184,10 +229,13 @@ def to_universal(ckpt: Path, out: Path) -> Path:
     """Convert a ZeRO checkpoint to DeepSpeed's universal format in `out/<tag>` (loadable at any world size)."""
     out.mkdir(parents=True, exist_ok=True)
     target = out / ckpt.name
-    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt),
-           "--output_folder", str(target), "--inject_missing_state", "--num_extract_workers", "1",
+    # DeepSpeed's converter unpickles with weights_only=False: it runs under engine.safe_load's restricted loads
+    cmd = [sys.executable, "-m", "engine.safe_load", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+           str(ckpt), "--output_folder", str(target), "--inject_missing_state", "--num_extract_workers", "1",
            "--num_merge_workers", "1"]
-    result = subprocess.run(cmd, capture_output=True, text=True)
+    root = str(Path(__file__).resolve().parents[1])  # this engine, whatever the caller's cwd and sys.path
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH", "")]))}
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if result.returncode != 0:
         raise CheckpointError(
             f"converting {ckpt} to a universal checkpoint (to resume at another world size) failed:\n"

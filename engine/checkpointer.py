@@ -1,81 +1,157 @@
 """The trainer's checkpoints: find the newest verified one, resume from it (at any world size), save atomically.
 
 File format and guarantees live in engine/checkpoint.py (complete-or-absent dirs, manifests, quarantine); this
-component adds the run's side: which config keys must match to resume, the DeepSpeed engine's save and load, the
+component adds the run's side: the config stored with each checkpoint and what a re-run may change
+(engine/resume.py), loading without unpickling code (engine/safe_load.py), the DeepSpeed engine's save and load, the
 ranks agreeing on every phase, and the retry policy of failed writes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import json
 import logging
+import os
 import shutil
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from engine.checkpoint import (
-    BYTES_PER_PARAM,
     check_free_space,
     checkpoint_bytes,
     clean_stale,
     complete_checkpoints,
     discard_partial,
+    estimate_bytes,
     finalize,
     find_resumable,
+    free_name,
+    quarantine_dir,
+    quarantined,
+    scan_pickles,
     tag_for,
     to_universal,
 )
+from engine.config.io import from_dict, to_toml
 from engine.config.schema import Config
 from engine.distributed import Collectives, is_collective_error
 from engine.errors import CheckpointError
+from engine.files import write_atomic
 from engine.hooks import Hooks
-from engine.metrics import MetricsWriter
+from engine.metrics import MetricsWriter, logged_steps
+from engine.resume import ResumePolicy, config_changes, stored_config
+from engine.safe_load import UnsafeCheckpointError, only_safe_loads
 
 log = logging.getLogger("flowopd")
 
-# Config keys whose change makes a checkpoint unusable for resuming (the student's shape and its base).
-RESUME_KEYS = ("model", "student")
 # A failed checkpoint write (disk full, I/O error) keeps the previous checkpoint and training goes on, retrying
 # at the next `save_every`; this many failures in a row, or a failed final save, stop the run.
 MAX_SAVE_FAILURES = 3
 
 
-def resume_digest(config: Config) -> str:
-    """What must not change between a checkpoint and the run resuming from it."""
-    return json.dumps({k: asdict(getattr(config, k)) for k in RESUME_KEYS}, sort_keys=True)
-
-
 class Checkpointer:
     """Checkpoints of one run dir (`<output_dir>/checkpoints`), shared by all ranks of the run."""
 
-    def __init__(self, config: Config, comm: Collectives, hooks: Hooks):
+    def __init__(self, config: Config, comm: Collectives, hooks: Hooks, policy: ResumePolicy | None = None):
         self.config, self.comm, self.hooks = config, comm, hooks
-        self.root = Path(config.output_dir) / "checkpoints"
+        self.policy = policy or ResumePolicy()
+        self.out = Path(config.output_dir)
+        self.root = self.out / "checkpoints"
         self.save_failures = 0
         if comm.rank == 0:
             for stale in clean_stale(self.root):
                 log.info("removed %s (left by an interrupted checkpoint write; never loaded)", stale)
 
     def find(self) -> tuple[Path, dict[str, Any]] | None:
-        """Rank 0 picks the newest verified checkpoint (moving corrupt ones aside) and tells the other ranks,
-        so every rank loads the same one and the files are hashed once."""
-        found = find_resumable(self.root, quarantine=True) if self.comm.rank == 0 else None
-        found = self.comm.broadcast(found)
-        if found is not None and found[1].get("resume_digest") != resume_digest(self.config):
-            raise CheckpointError(
-                f"checkpoint {found[0]} was written with a different model/student config; resume it with the same "
-                f"[model] and [student] settings (see {Path(self.config.output_dir) / 'config.toml'}) or use a new "
-                f"--output-dir"
-            )
+        """Rank 0 picks the newest verified checkpoint (moving corrupt ones aside), vets its pickles and its config
+        against this run's, and tells the other ranks, so every rank loads the same one and the files are hashed
+        once. Raises CheckpointError (on every rank) when the run must not go on as asked."""
+        verdict = None
+        if self.comm.rank == 0:
+            try:
+                verdict = self._choose()
+            except (OSError, CheckpointError) as exc:  # told to every rank: the others wait in the broadcast
+                verdict = None, f"cannot resume from {self.root}: {exc}"
+        found, error = self.comm.broadcast(verdict)
+        if error is not None:
+            raise CheckpointError(error)
         return found
 
-    def check_free_space(self, trainable: int) -> None:
-        """Fail before the first step when the file system cannot take one more checkpoint + export."""
+    def _choose(self) -> tuple[tuple[Path, dict[str, Any]] | None, str | None]:
+        """Rank 0's (checkpoint to resume, None) or (None, why the run must stop)."""
+        found = find_resumable(self.root, quarantine=True)
+        if found is None:
+            return None, self._fresh_start()
+        ckpt, meta = found
+        try:
+            scan_pickles(ckpt)
+        except UnsafeCheckpointError as exc:
+            bad = quarantine_dir(ckpt)
+            return None, (f"checkpoint {ckpt}: {exc}. It was moved to {bad} and will not be tried again; nothing was "
+                          f"resumed. Inspect it (never with torch.load(weights_only=False)), or re-run to resume from "
+                          f"an older checkpoint")
+        stored = stored_config(meta)
+        if stored is None:
+            log.warning("checkpoint %s stores no config to compare with; resuming with this run's config", ckpt)
+            return found, None
+        changes = config_changes(*stored, self.config, (int(meta.get("world_size", 1)), self.comm.world))
+        refused = [c for c in changes if c.kind == "trajectory"]
+        if refused and not self.policy.allow_config_change:
+            listed = "\n  ".join(str(c) for c in refused)
+            return None, (f"checkpoint {ckpt} (step {meta['step']}) was trained with another config; resuming "
+                          f"would mix two runs. Changed (checkpoint -> now):\n  {listed}\nResume with the "
+                          f"checkpoint's values ({self.out / 'config.toml'} is unchanged), use another --output-dir, "
+                          f"or pass --allow-config-change to go on with the new values (each change is logged and "
+                          f"the old config kept as config.step_{meta['step']}.toml)")
+        for c in changes:
+            level = logging.INFO if c.kind == "operational" else logging.WARNING
+            note = {"trajectory": "allowed by --allow-config-change: the run continues with the new value",
+                    "implementation": "same computation another way: no longer bit-exact with an uninterrupted run",
+                    "operational": "does not change what a step computes"}[c.kind]
+            log.log(level, "resuming %s with a changed config: %s (%s)", ckpt.name, c, note)
+        if refused:
+            kept = self.out / f"config.step_{int(meta['step'])}.toml"
+            if isinstance(meta.get("config"), dict):
+                write_atomic(kept, to_toml(from_dict(Config, meta["config"], "", [])))
+            elif (self.out / "config.toml").is_file():  # a legacy checkpoint: the run dir's record is the best left
+                shutil.copyfile(self.out / "config.toml", kept)
+            log.warning("the config checkpoint %s was trained with is kept as %s", ckpt.name, kept)
+        return found, None
+
+    def _fresh_start(self) -> str | None:
+        """No checkpoint to resume: None when starting at step 0 loses nothing, else why it would (the run stops
+        unless --restart). Losing something = metrics.jsonl holds a step at or past the first checkpoint (so a
+        checkpoint existed and is gone, or its save failed), or checkpoints were moved aside as corrupt."""
+        metrics = self.out / "metrics.jsonl"
+        steps = logged_steps(metrics)
+        c = self.config.train
+        first = c.save_every or c.steps
+        corrupt = quarantined(self.root)
+        if not corrupt and (not steps or max(steps) < first):
+            return None  # killed before the first checkpoint: every logged step is redone identically
+        evidence = " and ".join(
+            ([f"checkpoints were moved aside as corrupt ({', '.join(p.name for p in corrupt)})"] if corrupt else [])
+            + ([f"{metrics} holds {len(steps)} logged steps ({min(steps)}..{max(steps)})"] if steps else []))
+        if not self.policy.restart:
+            return (f"no complete checkpoint in {self.root}, but {evidence}: starting over would train from step 0 "
+                    f"and replace that history. Restore a checkpoint into {self.root}, or re-run with --restart to "
+                    f"start over (metrics.jsonl is then kept as metrics.before-restart.jsonl)")
+        log.warning("--restart: no complete checkpoint, but %s; training from step 0", evidence)
+        if metrics.exists():
+            kept = free_name(self.out / "metrics.before-restart.jsonl")
+            os.replace(metrics, kept)
+            log.warning("the old metrics.jsonl is kept as %s", kept)
+        return None
+
+    def check_free_space(self, engine: Any) -> int:
+        """Fail before the first step when the file system cannot take one more checkpoint + export; returns the
+        bytes one checkpoint takes (an existing one's size, else counted from what DeepSpeed will write)."""
+        trainable = sum(p.numel() for p in engine.module.parameters() if p.requires_grad)
         existing = complete_checkpoints(self.root)
-        need = checkpoint_bytes(existing[0]) if existing else trainable * BYTES_PER_PARAM + (1 << 20)
+        need = (checkpoint_bytes(existing[0]) if existing else
+                estimate_bytes(engine.module_state_dict(exclude_frozen_parameters=True), trainable))
         check_free_space(self.root, need + 2 * 4 * trainable, self.config.train.keep_checkpoints)
+        return need
 
     def load(self, engine: Any, found: tuple[Path, dict[str, Any]]) -> tuple[int, dict[str, Any]]:
         """Load `found` into the DeepSpeed engine; (the step it resumes at, the client state)."""
@@ -100,16 +176,33 @@ class Checkpointer:
             if before != now and self.comm.rank == 0:
                 log.warning("global batch changes from %d to %d prompts per micro-batch (train.prompts_per_step x "
                             "ranks): the run continues, but not the curve it would have had", before, now)
-        load_path, client = engine.load_checkpoint(str(load_dir), tag=ckpt.name, load_module_strict=False)
+        with only_safe_loads():  # DeepSpeed's loaders call torch.load(weights_only=False) themselves
+            load_path, client = engine.load_checkpoint(str(load_dir), tag=ckpt.name, load_module_strict=False)
         if load_path is None:
             raise CheckpointError(f"DeepSpeed could not load checkpoint {ckpt}")
         if cleanup is not None:
             self.comm.barrier()
             if self.comm.rank == 0:
                 shutil.rmtree(cleanup, ignore_errors=True)
+        self._apply_hyperparameters(engine)
         if self.comm.rank == 0:
             log.info("resumed from %s at step %d", ckpt, int(meta["step"]))
         return int(meta["step"]), client or {}
+
+    def _apply_hyperparameters(self, engine: Any) -> None:
+        """The run's config, not the checkpoint, sets the optimizer's hyperparameters: `load_checkpoint` restores the
+        saved param groups (lr, betas, eps, weight decay), the scheduler's base lr and ZeRO's clip value. The same
+        numbers unless --allow-config-change let them differ (measured: without this, a resumed run kept the old lr
+        while config.toml claimed the new one)."""
+        t = self.config.train
+        scheduler, groups = engine.lr_scheduler, engine.optimizer.param_groups
+        scheduler.base_lrs = [t.lr] * len(groups)
+        lrs = [t.lr * fn(scheduler.last_epoch) for fn in scheduler.lr_lambdas]  # what scheduler.step() computed
+        for group, lr in zip(groups, lrs):
+            group.update(lr=lr, initial_lr=t.lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay)
+        scheduler._last_lr = lrs
+        if hasattr(engine.optimizer, "clip_grad"):
+            engine.optimizer.clip_grad = t.grad_clip
 
     def save(self, engine: Any, next_step: int, client_state: dict[str, Any], metrics: MetricsWriter | None,
              final: bool = False) -> bool:
@@ -122,7 +215,7 @@ class Checkpointer:
         writer) must be on disk before the checkpoint may be finalised: a checkpoint never gets ahead of
         metrics.jsonl, or a resume from it would lose those lines."""
         tag = tag_for(next_step)
-        meta = {"step": next_step, "resume_digest": resume_digest(self.config), "world_size": self.comm.world,
+        meta = {"step": next_step, "config": dataclasses.asdict(self.config), "world_size": self.comm.world,
                 "prompts_per_rank": self.config.train.prompts_per_step}
         error: BaseException | None = None
         writer = engine.checkpoint_engine
@@ -174,4 +267,3 @@ class Checkpointer:
         log.error("%s; training continues and retries at the next checkpoint (%d/%d failures in a row)", what,
                   self.save_failures, MAX_SAVE_FAILURES)
         return False
-

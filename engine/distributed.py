@@ -1,8 +1,9 @@
 """Process-group setup and the few collectives the trainer needs, each bounded by one timeout.
 
 A plain `python engine/train.py` becomes a 1-process group (a free port from the OS). Every collective waits at
-most `dist_timeout()` (env FLOWOPD_DIST_TIMEOUT, default 1800 s): a dead or stuck peer ends the rank with a clear
-message instead of a hang; see docs/reliability.md.
+most `dist_timeout()` (env FLOWOPD_DIST_TIMEOUT, default 600 s): a dead or stuck peer ends the rank with a clear
+message instead of a hang; inside a step the per-step watchdog (engine/watchdog.py) also names the stuck rank and its
+phase. See docs/reliability.md and docs/multinode.md.
 """
 
 from __future__ import annotations
@@ -16,11 +17,14 @@ import torch
 
 log = logging.getLogger("flowopd")
 
-# Seconds a rank waits in a collective (and at start-up rendezvous) before giving up on a dead or stuck peer.
-# torch's gloo default is 30 min; it must exceed the longest legitimate wait: rank 0 building the prompt cache
-# or fsyncing + hashing a checkpoint while the others wait at a barrier.
+# Seconds a rank waits in a collective (and at start-up rendezvous) before giving up on a dead or stuck peer. torch's
+# gloo default is 30 min. It must exceed the longest legitimate wait, all of them rank-0-only work the others wait for
+# at a barrier: building the prompt cache (SD3.5's T5-XXL on one GPU: ~6 ms a prompt by FLOPs, so 10k prompts take
+# about a minute; larger sets are built beforehand with `python -m engine.data.encode`), hashing a checkpoint (the
+# LoRA state of SD3.5-M is 0.38 GB: ~1 s), converting one to the universal format, a rank-0 evaluation callback.
+# Stuck steps are the watchdog's job (train.step_timeout), so this only bounds the waits outside them.
 DIST_TIMEOUT_ENV = "FLOWOPD_DIST_TIMEOUT"
-DIST_TIMEOUT_S = 1800.0
+DIST_TIMEOUT_S = 600.0
 
 
 def dist_timeout() -> datetime.timedelta:

@@ -7,7 +7,7 @@ engine/worlds). Re-running the same command resumes whichever run
 was interrupted; finished runs only re-export their student.
 
 Single-process CPU runs train the variants at the same time as the main run, each in a child process
-(`python engine/train.py --config <variant>/config.toml`, log in `<variant>/train.log`) with its share of the
+(`python engine/train.py --config <variant>/config.launch.toml`, log in `<variant>/train.log`) with its share of the
 cores: on 2 cores the default's two students take ~175 s + ~165 s one after another with 2 threads each, and
 ~200 s side by side with 1 thread each, since this small model's ops scale poorly across threads (a batch-32
 forward: 111 ms on 1 thread, 93 ms on 2). A child dies with its parent (PR_SET_PDEATHSIG) and each run dir is
@@ -30,6 +30,7 @@ import torch
 from engine.config.io import to_toml
 from engine.config.load import experiment_runs
 from engine.config.schema import Config
+from engine.resume import ResumePolicy
 
 log = logging.getLogger("flowopd")
 
@@ -42,11 +43,11 @@ class VariantError(RuntimeError):
     """A variant run (child process) failed; the message names its log."""
 
 
-def train_run(config: Config) -> tuple[int, Path]:
+def train_run(config: Config, policy: ResumePolicy | None = None) -> tuple[int, Path]:
     """Train (or resume, or just re-export) one student in this process; returns (rank, export dir)."""
     from engine.trainer import Trainer
 
-    trainer = Trainer(config)
+    trainer = Trainer(config, policy)
     evals = None
     try:
         callbacks = []
@@ -79,20 +80,23 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
         pass
 
 
-def _spawn(config: Config, threads: int) -> tuple[subprocess.Popen, Path]:
+def _spawn(config: Config, threads: int, policy: ResumePolicy) -> tuple[subprocess.Popen, Path]:
     """Start `config` as a child training process; returns it and its log file."""
     from engine.files import write_atomic
 
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    cfg_file = out / "config.toml"
+    # the child's own input, beside its run dir's config.toml (which its trainer writes once the resume is checked)
+    cfg_file = out / "config.launch.toml"
     write_atomic(cfg_file, to_toml(config))
+    flags = [f for f, on in (("--allow-config-change", policy.allow_config_change), ("--restart", policy.restart))
+             if on]
     env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_ENV}
     env.update(OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
     log_file = out / "train.log"
     with open(log_file, "ab") as fh:
         proc = subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve().parent / "train.py"), "--config", str(cfg_file)],
+            [sys.executable, str(Path(__file__).resolve().parent / "train.py"), "--config", str(cfg_file), *flags],
             stdout=fh, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent if os.name == "posix" else None,
         )
     return proc, log_file
@@ -103,11 +107,12 @@ def _parallel(config: Config) -> bool:
             and not torch.cuda.is_available() and len(config.experiment.variants) > 0)
 
 
-def run(config: Config) -> int:
+def run(config: Config, policy: ResumePolicy | None = None) -> int:
     """Every run of `config`, then the report; returns this process's rank."""
+    policy = policy or ResumePolicy()
     rank = 0
     if not config.report.enabled:
-        rank, export = train_run(config)
+        rank, export = train_run(config, policy)
         if rank == 0:
             print(f"done: {export}")
         return rank
@@ -119,7 +124,7 @@ def run(config: Config) -> int:
         threads = max(1, cores // len(runs))
         children = []
         for name, run_config in runs[1:]:
-            proc, log_file = _spawn(run_config, threads)
+            proc, log_file = _spawn(run_config, threads, policy)
             log.info("training %r in a child process (pid %d, %d thread(s)); log: %s", name, proc.pid, threads,
                      log_file)
             children.append((name, proc, log_file))
@@ -127,7 +132,7 @@ def run(config: Config) -> int:
         torch.set_num_threads(threads)
         try:
             log.info("training %r in %s", runs[0][0], config.output_dir)
-            train_run(config)
+            train_run(config, policy)
             print(f"done: {runs[0][0]}: {Path(config.output_dir) / 'export'}")
         except BaseException:
             for _, proc, _ in children:
@@ -147,7 +152,7 @@ def run(config: Config) -> int:
         for name, run_config in runs:
             if rank == 0:
                 log.info("training %r in %s", name, run_config.output_dir)
-            rank, export = train_run(run_config)
+            rank, export = train_run(run_config, policy)
             if rank == 0:
                 print(f"done: {name}: {export}")
     if rank == 0:

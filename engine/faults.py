@@ -7,6 +7,7 @@ hook sites are a single `is not None` test per step or checkpoint, nothing else.
 
 points (in the order they happen):
   step.begin      start of optimizer step <step>, before its rollout
+  step.rollout    inside the first rollout of step <step> (its phase is `rollout`)
   step.end        after step <step>'s optimizer update, before its metrics line is written
   step.logged     after step <step>'s metrics line, before a checkpoint that follows it
   ckpt.write      checkpoint <step> (the step it resumes at): DeepSpeed is writing `<tag>.partial`
@@ -37,8 +38,8 @@ from pathlib import Path
 from typing import Any
 
 ENV = "FLOWOPD_FAULT"
-POINTS = ("step.begin", "step.end", "step.logged", "ckpt.write", "ckpt.saved", "ckpt.manifest", "ckpt.renamed",
-          "ckpt.pointer")
+POINTS = ("step.begin", "step.rollout", "step.end", "step.logged", "ckpt.write", "ckpt.saved", "ckpt.manifest",
+          "ckpt.renamed", "ckpt.pointer")
 ACTIONS = ("kill", "hang", "enospc")
 
 

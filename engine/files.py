@@ -82,9 +82,20 @@ class RunDirLock:
 
     def __init__(self, run_dir: Path):
         import fcntl
+        import stat
 
         self.path = run_dir / self.NAME
-        self.fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:  # O_NOFOLLOW: a planted `.lock -> somewhere` symlink would have the pid written over its target
+            self.fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as exc:
+            why = " (it is a symbolic link; refusing to follow it)" if self.path.is_symlink() else ""
+            raise CheckpointError(f"cannot take the run-dir lock {self.path}: {exc.strerror}{why}; remove it or use "
+                                  f"another --output-dir") from None
+        if not stat.S_ISREG(os.fstat(self.fd).st_mode):
+            os.close(self.fd)
+            self.fd = None
+            raise CheckpointError(f"run-dir lock {self.path} is not a regular file; remove it or use another "
+                                  f"--output-dir")
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

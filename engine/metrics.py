@@ -2,7 +2,10 @@
 
 Lines are appended with O_APPEND writes; a failed write (ENOSPC, EIO) keeps the unwritten bytes and retries them
 before the next line, so a full disk costs no line and never tears one in the middle of the file. A line torn
-by a kill can only be the last one; it is dropped when the run resumes.
+by a kill can only be the last one; it is dropped when the run resumes. An unreadable line anywhere else is not
+something this writer or a kill leaves: the file was damaged. On resume the writer then warns naming the file and
+the line numbers, keeps the damaged file as `metrics.jsonl.damaged` (so nothing is silently lost), and goes on with
+the readable lines.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import json
 import logging
 import math
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +32,14 @@ class MetricsWriter:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.exists():
-            kept = []
-            for line in path.read_text().splitlines():
-                try:
-                    if json.loads(line).get("step", -1) < resume_step:
-                        kept.append(line)
-                except json.JSONDecodeError:
-                    continue  # a line torn by a kill mid-write
+            rows, damaged = _parse(path)
+            if damaged:
+                copy = path.with_name(path.name + ".damaged")
+                shutil.copyfile(path, copy)
+                log.warning("%s: line(s) %s are unreadable and not the last line (a kill only tears the last one): "
+                            "the file was damaged. Kept as %s; continuing with the %d readable lines", path,
+                            ", ".join(map(str, damaged)), copy, len(rows))
+            kept = [line for step, line in rows if step < resume_step]
             write_atomic(path, "".join(k + "\n" for k in kept))  # a kill here keeps the old file, never half
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         self._pending = b""
@@ -74,3 +79,23 @@ class MetricsWriter:
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """Every row of a metrics.jsonl."""
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def _parse(path: Path) -> tuple[list[tuple[int, str]], list[int]]:
+    """((step, line) of every readable row, 1-based numbers of unreadable lines other than a torn last one)."""
+    lines = path.read_text(errors="replace").splitlines()
+    rows, damaged = [], []
+    for number, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+            rows.append((int(row["step"]), line))
+        except (ValueError, TypeError, KeyError):
+            if number < len(lines) and line.strip():
+                damaged.append(number)
+    return rows, damaged
+
+
+def logged_steps(path: str | Path) -> list[int]:
+    """The steps of a metrics.jsonl's readable lines ([] when there is no file)."""
+    path = Path(path)
+    return [step for step, _ in _parse(path)[0]] if path.is_file() else []

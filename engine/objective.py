@@ -16,7 +16,7 @@ import torch
 
 from engine.backends.base import TensorCond
 from engine.opd.losses import LossOutput
-from engine.sampling.rollout import Trajectory
+from engine.sampling.rollout import Rollout, Trajectory
 
 
 @dataclass
@@ -59,8 +59,10 @@ class Objective(Protocol):
     chunks: int
     """Query chunks per micro-batch = DeepSpeed micro-steps per micro-batch."""
 
-    def sde_steps(self, step: int) -> Sequence[int] | None:
-        """The rollout steps of optimizer step `step` that use the SDE (None: as `rollout.sampler` says)."""
+    def states(self, student_rollout: Rollout, cond: TensorCond, sample_ids: Sequence[int], routes: list[str],
+               step: int) -> Trajectory:
+        """The micro-batch's trajectory at optimizer step `step`: the student's rollout (Flow-GRPO: SDE only in
+        the step's window), or states of the objective's own (OPD's off-policy ablation)."""
         ...
 
     def prepare(self, step: int, micros: list[MicroBatch]) -> dict[str, float]:
@@ -71,7 +73,7 @@ class Objective(Protocol):
         """[B, chunks] state indices of each sample."""
         ...
 
-    def chunk(self, micro: MicroBatch, queries: torch.Tensor, j: int,
-              backward: Callable[[torch.Tensor], None]) -> ChunkResult:
-        """Score query slot `j` and call `backward` on its loss."""
+    def chunk(self, micro: MicroBatch, queries: torch.Tensor, j: int, backward: Callable[[torch.Tensor], None],
+              step: int) -> ChunkResult:
+        """Score query slot `j` of optimizer step `step` and call `backward` on its loss."""
         ...

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -14,27 +15,32 @@ from engine.fields.evaluator import FieldEvaluator
 from engine.fields.field import Field
 from engine.objective import Objective
 from engine.opd.objective import OPDObjective, PhaseRange
+from engine.opd.query import num_candidates
 
 
 def chunks_of(c: Config) -> int:
     """Query chunks per micro-batch of run `c` (DeepSpeed's micro-steps per micro-batch), known before the model."""
     if c.rl.loss:
         return c.rl.sde_window or max(1, int(c.rl.timestep_fraction * (c.rollout.steps - 1)))
-    return c.opd.query_states or (c.rollout.steps - 1)
+    return c.opd.query_states or num_candidates(c.rollout.steps, c.opd.query_candidates)
 
 
 def build_objective(c: Config, evaluator: FieldEvaluator, fields: dict[str, Field], sigmas: torch.Tensor,
-                    phase: PhaseRange, backend: ModelBackend, spec: ModelSpec, comm: Collectives) -> Objective:
-    """The objective of run `c` on `evaluator` (its fields by name in `fields`)."""
-    objective = _build(c, evaluator, fields, sigmas, phase, backend, spec, comm)
+                    phase: PhaseRange, backend: ModelBackend, spec: ModelSpec, comm: Collectives, *,
+                    mix: dict[str, float] | None = None, params: Sequence[torch.nn.Parameter] = ()) -> Objective:
+    """The objective of run `c` on `evaluator` (its fields by name in `fields`; OPD's soft-routing `mix` and the
+    trainable `params` its gradient diagnostic reads)."""
+    objective = _build(c, evaluator, fields, sigmas, phase, backend, spec, comm, mix, params)
     assert objective.chunks == chunks_of(c), (objective.chunks, chunks_of(c))
     return objective
 
 
 def _build(c: Config, evaluator: FieldEvaluator, fields: dict[str, Field], sigmas: torch.Tensor, phase: PhaseRange,
-           backend: ModelBackend, spec: ModelSpec, comm: Collectives) -> Objective:
+           backend: ModelBackend, spec: ModelSpec, comm: Collectives, mix: dict[str, float] | None,
+           params: Sequence[torch.nn.Parameter]) -> Objective:
     if not c.rl.loss:
-        return OPDObjective(c.opd, c.rollout, evaluator, sigmas, phase)
+        return OPDObjective(c.opd, c.rollout, evaluator, sigmas, phase, mix=mix, params=params, seed=c.train.seed,
+                            latent_shape=spec.latent_shape)
     from engine.backends.decode import make_decoder
     from engine.rl.objective import GRPOObjective
     from engine.rl.rewards import RewardModel

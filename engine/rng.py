@@ -12,7 +12,9 @@ _MASK = (1 << 64) - 1
 
 # purposes: distinct constants so streams never collide
 DATA, ROUTE, NOISE, QUERY, INIT = 1, 2, 3, 4, 5
-RL = 7  # RL objectives' draws (the SDE window); 6 is evaluation noise (engine/eval/sampling.py)
+EVAL = 6  # evaluation noise (engine/eval/sampling.py): never a training stream, so no sample is trained on eval noise
+RL = 7  # RL objectives' draws (the SDE window)
+OFFPOLICY = 8  # off-policy states' endpoint noise (engine/opd/states.py)
 
 
 def _splitmix64(x: int) -> int:

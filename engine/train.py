@@ -7,10 +7,14 @@
         --set model.path=/models/sd35m --set train.steps=2000
     python engine/train.py --config configs/tiny.toml          # the same run, single process, no launcher
 
-Re-running the same command resumes from the newest complete checkpoint in the output dir.
+Re-running the same command resumes from the newest complete checkpoint in the output dir, with the config that
+checkpoint was trained with: a re-run that changes what training computes is refused with the list of changed
+keys (`--allow-config-change` goes on with the new values), and a run dir whose checkpoints are gone while
+metrics.jsonl holds later steps is refused too (`--restart` starts over). Multi-node launches: docs/multinode.md.
 Exit codes: 0 done, 2 invalid config (nothing started), 1 the run stopped (the message says why; see
-docs/reliability.md). With several ranks a failed or timed-out collective (a dead or stuck peer) ends the rank
-with a message instead of hanging; `FLOWOPD_DIST_TIMEOUT` (seconds, default 1800) bounds the wait.
+docs/reliability.md). A rank stuck in a step for longer than `train.step_timeout` ends the job naming the rank and
+the phase; a failed or timed-out collective (a dead or stuck peer) ends the rank with a message instead of hanging;
+`FLOWOPD_DIST_TIMEOUT` (seconds, default 600) bounds the waits outside steps.
 """
 
 from __future__ import annotations
@@ -43,6 +47,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="override a config key, e.g. --set train.steps=100 (repeatable)")
     parser.add_argument("--profile-steps", default=None, metavar="A:B",
                         help="bracket steps [A, B) with cudaProfilerStart/Stop (nsys --capture-range=cudaProfilerApi)")
+    parser.add_argument("--allow-config-change", action="store_true",
+                        help="resume although the config changed what training computes (each change is logged; the "
+                             "checkpoint's config is kept as config.step_<N>.toml)")
+    parser.add_argument("--restart", action="store_true",
+                        help="start at step 0 although metrics.jsonl holds steps no checkpoint is left for (the old "
+                             "file is kept as metrics.before-restart.jsonl)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -51,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     """Validate the config (exit 2 on any problem, nothing written), run it (exit 1 with a message if it stops)."""
     args = parse_args(argv)
     overrides = list(args.set)
-    if args.output_dir:
+    if args.output_dir is not None:  # `--output-dir ""` is refused by validation, not ignored
         overrides.append(f"output_dir={args.output_dir!r}".replace("'", '"'))
     if args.profile_steps:
         overrides.append(f'train.profile_steps="{args.profile_steps}"')
@@ -62,9 +72,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from engine.experiment import run  # heavy imports after the config is known to be valid
+    from engine.resume import ResumePolicy
 
     try:
-        run(config)
+        run(config, ResumePolicy(args.allow_config_change, args.restart))
     except Exception as exc:  # every failure ends in one clear line (plus a traceback when unexpected)
         return _fail(exc, config.output_dir)
     return 0
@@ -90,10 +101,13 @@ def _fail(exc: Exception, output_dir: str) -> int:
     from engine.distributed import dist_timeout, is_collective_error
 
     if world > 1 and is_collective_error(exc):
+        from engine.watchdog import last_diagnosis
+
+        seen = last_diagnosis()
         text = (f"communication with another rank failed ({text.splitlines()[0] if text else type(exc).__name__}). "
                 f"Another rank probably died or is stuck (collective timeout {dist_timeout().total_seconds():g} s, "
-                f"FLOWOPD_DIST_TIMEOUT); see its log. Re-run the same command to resume from the newest complete "
-                f"checkpoint in {output_dir}/checkpoints")
+                f"FLOWOPD_DIST_TIMEOUT){f'; the watchdog saw: {seen}' if seen else ''}; see its log. Re-run the same "
+                f"command to resume from the newest complete checkpoint in {output_dir}/checkpoints")
     print(f"error: {where}{text}", file=sys.stderr, flush=True)
     if world > 1:
         sys.stdout.flush()

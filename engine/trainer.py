@@ -17,13 +17,14 @@ import math
 import time
 import zlib
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
 from engine import ops
-from engine.adapters.export import export_adapter
+from engine.adapters.export import clean_stale_exports
 from engine.adapters.lora import STUDENT, freeze_for_training
 from engine.backends import get_backend
 from engine.backends.base import TensorCond
@@ -31,11 +32,13 @@ from engine.checkpointer import Checkpointer
 from engine.config.io import deepspeed_json, to_toml
 from engine.config.schema import Config
 from engine.data.cache import load_or_build
+from engine.data.images import row_conditioning
 from engine.data.prompts import load_prompts
 from engine.data.sampler import PromptSampler
 from engine.data.text import build_text_encoder
 from engine.distributed import Collectives, after_engine_init, init_distributed
 from engine.ds_config import deepspeed_config, read_deepspeed_json
+from engine.ema import StudentEMA
 from engine.fields.evaluator import FieldEvaluator, PeftFieldEvaluator
 from engine.fields.field import Field, student_field
 from engine.files import RunDirLock, write_atomic
@@ -45,9 +48,10 @@ from engine.objective import ChunkResult, MicroBatch
 from engine.objectives import build_objective, chunks_of
 from engine.opd.routing import NoRouting, Router
 from engine.profiling import CudaProfilerWindow, PhaseTimer
+from engine.resume import ResumePolicy
 from engine.sampling.rollout import EagerRollout, Rollout
-from engine.sampling.schedule import flow_match_sigmas
-from engine.student import build_student
+from engine.student import build_student, export_student, load_full_teachers
+from engine.watchdog import StepWatchdog
 
 log = logging.getLogger("flowopd")
 
@@ -82,7 +86,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 class Trainer:
     """One run of one student: build everything from the config, resume if a checkpoint exists, train, export."""
 
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, resume: ResumePolicy | None = None):
         import deepspeed
 
         self.config = c = config
@@ -92,7 +96,7 @@ class Trainer:
             torch.cuda.set_device(self.device)
         self.dtype = resolve_dtype(c.model.dtype, self.device)
         self.out = Path(c.output_dir)
-        self.timer = PhaseTimer(self.device)
+        self.timer = PhaseTimer(self.device, sync=c.train.phase_timing)
         self.comm = Collectives(self.rank, self.world, self.device)
         ops.configure(c.kernels.default, c.kernels.backends)
         self.hooks = hooks_from_env(self.rank)
@@ -100,9 +104,12 @@ class Trainer:
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
             self.lock = RunDirLock(self.out)
-            write_atomic(self.out / "config.toml", to_toml(c))
-        self.checkpointer = Checkpointer(c, self.comm, self.hooks)
+            for stale in clean_stale_exports(self.out / "export"):
+                log.info("removed %s (left by an interrupted export)", stale)
+        self.checkpointer = Checkpointer(c, self.comm, self.hooks, resume)
         self.resume_from = self.checkpointer.find()
+        if self.rank == 0:  # only now: a re-run refused above leaves the record of the run it would have mixed with
+            write_atomic(self.out / "config.toml", to_toml(c))
 
         # ---- model, data (embeddings cached once: rank 0 builds, the others read)
         self.backend = get_backend(c.model.family)
@@ -111,15 +118,17 @@ class Trainer:
         self.router = NoRouting() if c.rl.loss else Router(c.opd, self.prompts, c.train.seed)
         encoder = build_text_encoder(c.data.encoder, self.backend, self.spec, c.data.max_sequence_length)
         cache = Path(c.data.cache) if c.data.cache else self.out / "prompt_cache.safetensors"
-        texts = [p.text for p in self.prompts]
+        texts = [p.text for p in self.prompts if not p.source]  # edit rows: engine.data.images caches their captions
         if self.rank == 0:
-            self.embeddings = load_or_build(encoder, texts, cache, self.backend.cond_type)
+            self.embeddings = load_or_build(encoder, texts, cache, self.backend.cond_type, self.dtype)
         self.comm.barrier()
         if self.rank != 0:
-            self.embeddings = load_or_build(encoder, texts, cache, self.backend.cond_type)
+            self.embeddings = load_or_build(encoder, texts, cache, self.backend.cond_type, self.dtype)
+        self.conditioning = row_conditioning(c, self.backend, self.spec, self.prompts, encoder, self.embeddings,
+                                             self.out, self.rank, self.comm.broadcast, self.dtype)
         self.sampler = PromptSampler(self.prompts, c.train.seed, c.train.prompts_per_step, c.rollout.group_size,
                                      c.train.grad_accum, self.world, self.rank, c.data.task_weights or None)
-        self.sigmas = flow_match_sigmas(c.rollout.steps, c.rollout.shift).to(self.device)
+        self.sigmas = self.backend.sigmas(c.rollout.steps, c.rollout.shift).to(self.device)
         self.rows = c.train.prompts_per_step * c.rollout.group_size
 
         # ---- DeepSpeed
@@ -140,15 +149,19 @@ class Trainer:
         after_engine_init(self.world)
         self.model = self.engine.module
         self.model.eval()  # SD3 has no dropout; eval() keeps peft's lora_dropout (0) and norms inert
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.ema = (StudentEMA(trainable, c.train.ema_decay, c.train.ema_every, c.train.ema_repeats)
+                    if c.train.ema_decay > 0 else None)
 
         # ---- fields, rollout, objective
         self.uncond = self.embeddings.uncond.to(self.device)
+        self.full_teachers = load_full_teachers(c, self.backend, self.device, self.dtype)
         self.fields = {f.name: Field(f.name, None if f.source == "base" else f.source, f.cfg_scale, f.operator)
                        for f in c.fields}
         self.evaluator = self._build_evaluator()
         self.rollout = self._build_rollout()
         self.objective = build_objective(c, self.evaluator, self.fields, self.sigmas, self.timer.range, self.backend,
-                                         self.spec, self.comm)
+                                         self.spec, self.comm, mix=self.router.mix, params=trainable)
 
         # ---- resume
         self.start_step = 0
@@ -157,10 +170,11 @@ class Trainer:
             self.start_step, client = self.checkpointer.load(self.engine, self.resume_from)
             self.load_state_dict(client)
         if self.rank == 0:
-            self.checkpointer.check_free_space(sum(p.numel() for p in params))
+            self.checkpointer.check_free_space(self.engine)
         self.metrics = MetricsWriter(self.out / "metrics.jsonl", self.start_step) if self.rank == 0 else None
         self.last_logged: dict[str, Any] | None = None
         self.profiler = CudaProfilerWindow(c.train.profile_steps)
+        self.watchdog = StepWatchdog(self.rank, self.world, self.timer, c.train.step_timeout)
 
     # ------------------------------------------------------------------------------------------ setup
 
@@ -170,8 +184,9 @@ class Trainer:
         if self.config.opd.evaluator == "batched":
             from engine.fields.batched import BatchedFieldEvaluator
 
-            return BatchedFieldEvaluator(self.model, velocity, fields, self.uncond)
-        return PeftFieldEvaluator(self.model, velocity, fields, self.uncond)
+            return BatchedFieldEvaluator(self.model, velocity, fields, self.uncond,
+                                         merge_rows=self.config.kernels.lora_merge_rows, models=self.full_teachers)
+        return PeftFieldEvaluator(self.model, velocity, fields, self.uncond, self.full_teachers)
 
     def _build_rollout(self) -> Rollout:
         c = self.config
@@ -190,11 +205,19 @@ class Trainer:
 
     def state_dict(self) -> dict[str, Any]:
         """The trainer's own resume state beside DeepSpeed's (the client state of a checkpoint)."""
-        return {"nonfinite_streak": self.nonfinite_streak}
+        return {"nonfinite_streak": self.nonfinite_streak, **({"ema": self.ema.state_dict()} if self.ema else {})}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore `state_dict()` from a checkpoint's client state."""
         self.nonfinite_streak = int(state.get("nonfinite_streak", 0))
+        if self.ema is not None and "ema" in state:
+            self.ema.load_state_dict(state["ema"])
+        elif self.ema is not None:  # EMA switched on in a resumed run: it starts from the resumed weights
+            log.warning("checkpoint has no EMA (train.ema_decay was 0 when it was written): the EMA starts now")
+
+    def ema_weights(self) -> AbstractContextManager:
+        """The EMA weights in the student inside the block when `train.ema_decay` > 0 (else a no-op)."""
+        return self.ema.applied() if self.ema is not None else nullcontext()
 
     @property
     def save_failures(self) -> int:
@@ -213,7 +236,7 @@ class Trainer:
         """One optimizer step: every micro-batch's rollout and query chunks; returns its metrics row."""
         c = self.config
         t0 = time.perf_counter()
-        pool, pool_key = self.router.pool(step)
+        draw = self.router.draw(step)
         sums: dict[str, torch.Tensor] = {}
         per_field: dict[str, list[torch.Tensor]] = {}
         # inspected only when the step turns out non-finite, so a healthy step adds no host sync
@@ -221,21 +244,21 @@ class Trainer:
         data_crc = 0
         skipped_before = self.engine.skipped_steps
         micros: list[MicroBatch] = []  # every micro-batch is rolled out before any is trained (engine/objective.py)
-        sde = self.objective.sde_steps(step)
         for micro in range(c.train.grad_accum):
-            batch = self.sampler.batch(step, micro, pool, pool_key)
+            batch = self.sampler.batch(step, micro, draw.pool, draw.key, draw.pool_step)
             data_crc = zlib.crc32(json.dumps(batch.sample_ids).encode(), data_crc)
             routes = self.router.route(step, batch.tasks)
-            cond = self.embeddings.cond(batch.texts).to(self.device)
+            cond = self.conditioning.rows(batch.prompt_ids).to(self.device, non_blocking=True)
             with self.timer.range("rollout", "green"):
-                traj = self.rollout(cond, batch.sample_ids, self.sigmas, sde)
+                self.hooks.hit("step.rollout", step)
+                traj = self.objective.states(self.rollout, cond, batch.sample_ids, routes, step)
             micros.append(MicroBatch(micro, batch.sample_ids, batch.prompt_ids, batch.texts, batch.tasks, routes,
                                      cond, traj))
         logged = self.objective.prepare(step, micros)
         for m in micros:
             queries = self.objective.queries(m, c.train.seed, step)
             for j in range(self.objective.chunks):
-                res = self.objective.chunk(m, queries, j, self.engine.backward)
+                res = self.objective.chunk(m, queries, j, self.engine.backward, step)
                 with self.timer.range("optimizer", "purple"):
                     self.engine.step()
                 checks.append(res)
@@ -316,7 +339,8 @@ class Trainer:
         """Rank 0 writes the student to `<output_dir>/export` (PEFT dir + the family's diffusers file)."""
         if self.rank != 0:
             return None
-        return export_adapter(self.model, self.out / "export", self.backend, STUDENT)
+        with self.ema_weights():
+            return export_student(self.model, self.out / "export", self.backend)
 
     def train(self, callbacks: Sequence[StepCallback] = ()) -> list[dict[str, Any]]:
         """Run the remaining steps. Each callback is called as `cb(trainer, n)` with the number of finished steps:
@@ -328,12 +352,28 @@ class Trainer:
         bar = tqdm(range(self.start_step, c.steps), initial=self.start_step, total=c.steps, desc="opd",
                    disable=self.rank != 0, dynamic_ncols=True)
         if self.start_step == 0:
-            for cb in callbacks:
-                cb(self, 0)
-        for step in bar:
+            with self.ema_weights():
+                for cb in callbacks:
+                    cb(self, 0)
+        self.watchdog.start()
+        try:
+            self._loop(bar, callbacks, rows)
+        finally:
+            self.watchdog.stop()
+        self.export()
+        self.comm.barrier()
+        return rows
+
+    def _loop(self, steps: Any, callbacks: Sequence[StepCallback], rows: list[dict[str, Any]]) -> None:
+        """The steps of `train`, each watched by the watchdog from its start to the end of its checkpoint."""
+        c = self.config.train
+        for step in steps:
+            self.watchdog.begin(step)
             self.hooks.hit("step.begin", step)
             self.profiler.before_step(step)
             row = self.train_step(step)
+            if self.ema is not None:
+                self.ema.update(step + 1)
             self.profiler.after_step(step)
             rows.append(row)
             self.hooks.hit("step.end", step)
@@ -342,17 +382,17 @@ class Trainer:
                 self.metrics.write(row)
                 self.last_logged = row  # what the trackers see (engine/eval/callbacks.py)
             self.hooks.hit("step.logged", step)
-            bar.set_postfix(loss=f"{row.get('loss', float('nan')):.4g}", img_s=f"{row['images_per_s']:.1f}")
-            for cb in callbacks:
-                cb(self, step + 1)
+            steps.set_postfix(loss=f"{row.get('loss', float('nan')):.4g}", img_s=f"{row['images_per_s']:.1f}")
+            with self.ema_weights():  # the world's reward curve scores what eval and export use
+                for cb in callbacks:
+                    cb(self, step + 1)
             if (c.save_every and (step + 1) % c.save_every == 0) or step + 1 == c.steps:
                 self.save_checkpoint(step + 1, final=step + 1 == c.steps)
-        self.export()
-        self.comm.barrier()
-        return rows
+            self.watchdog.end(step)
 
     def close(self) -> None:
-        """Close the metrics file and release the run-dir lock."""
+        """Close the metrics and prompt-cache files and release the run-dir lock."""
+        self.embeddings.close()
         if self.metrics is not None:
             self.metrics.close()
         if self.lock is not None:

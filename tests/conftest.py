@@ -29,3 +29,20 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+_DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_rank_env():
+    """An in-process training test makes this process rank 0 of a 1-rank group (init_distributed writes RANK,
+    MASTER_PORT, ... into os.environ); a later test's subprocess inheriting them joined that group's port instead of
+    making its own (CI: the GPU suite's dry run lost both iteration benches). Restore them after every test."""
+    before = {k: os.environ.get(k) for k in _DIST_ENV}
+    yield
+    for key, value in before.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value

@@ -113,6 +113,14 @@ class FakeBackend:
         """A saved TinyMixer."""
         return TinyMixer.from_pretrained(str(path)).to(dtype), self.preset_spec("loaded")
 
+    def source_image_problem(self, config: Any, size: tuple[int, int]) -> str:
+        """No edit rows."""
+        return "the fake family has no edit conditioning"
+
+    def sigmas(self, steps: int, shift: float) -> torch.Tensor:
+        """Its own schedule (no shift): linspace(1, 0, steps + 1)."""
+        return torch.linspace(1.0, 0.0, steps + 1)
+
     def velocity(self, model: torch.nn.Module, x: torch.Tensor, sigma: torch.Tensor, cond: FakeCond) -> torch.Tensor:
         """v at t = 1 - sigma."""
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
@@ -125,6 +133,10 @@ class FakeBackend:
         """The stand-in encoder (`builtin`)."""
         return FakeEncoder()
 
+    def image_encoder(self, spec: str, model_spec: ModelSpec, device: str | None = None) -> Any:
+        """No edit rows."""
+        raise ValueError("the fake family has no edit conditioning")
+
     def vae(self, path: Path | None) -> None:
         """No VAE: latents are images."""
         return None
@@ -134,7 +146,8 @@ class FakeBackend:
         if kind != "reference":
             raise ValueError("the fake family has no attention")
 
-    def forward_flops(self, spec: ModelSpec, lora_rank: int | None, lora_targets: Sequence[str]) -> float:
+    def forward_flops(self, spec: ModelSpec, lora_rank: int | None, lora_targets: Sequence[str],
+                      edit: bool = False) -> float:
         """2 x the multiply-adds of the three Linear layers."""
         n = CHANNELS * SIZE * SIZE
         return 2.0 * ((n + WIDTH + 1) * 32 + 32 * 32 + 32 * n)

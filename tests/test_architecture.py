@@ -12,9 +12,10 @@ REPO = Path(__file__).resolve().parents[1]
 # (module prefix, layer); the longest matching prefix wins. Keep in step with docs/architecture.md.
 LAYERS: list[tuple[str, int]] = [
     ("kernels", 0), ("engine", 0), ("engine.ops", 0), ("engine.errors", 0), ("engine.files", 0), ("engine.rng", 0),
-    ("engine.profiling", 0),
+    ("engine.profiling", 0), ("engine.sampling.schedule", 0), ("engine.safe_load", 0),
     ("engine.config.schema", 1), ("engine.config.checks", 1), ("engine.config.eval_schema", 1),
     ("engine.config.rl_schema", 1),
+    ("engine.config.opd", 1),
     ("engine.backends", 2), ("engine.backends.base", 2), ("engine.worlds", 2),
     ("engine.eval.scorers", 2), ("engine.eval.scorers.base", 2),
     ("engine.config.io", 3),
@@ -27,6 +28,7 @@ LAYERS: list[tuple[str, int]] = [
     ("engine.checkpoint", 10), ("engine.checkpointer", 10), ("engine.objectives", 10), ("engine.student", 10),
     ("engine.ds_config", 10),
     ("engine.distributed", 10), ("engine.hooks", 10), ("engine.faults", 10), ("engine.metrics", 10),
+    ("engine.resume", 10), ("engine.watchdog", 10), ("engine.ema", 10),
     ("engine.trainer", 11),
     ("engine.worlds.", 12), ("engine.eval", 12),
     ("engine.config", 13), ("engine.config.load", 13), ("engine.config.preflight", 13), ("engine.config.__main__", 13),

@@ -96,8 +96,22 @@ def test_overrides_types_and_list_items() -> None:
 def test_mode_specific_requirements() -> None:
     with pytest.raises(ConfigError, match="needs rollout.sampler = 'sde'"):
         load_config(TINY, ["opd.loss='kl_only'", "rollout.sampler='ode'"])
-    with pytest.raises(ConfigError, match="needs opd.weights"):
-        load_config(TINY, ["opd.routing='step'"])
+    for routing in ("soft", "field_step"):
+        with pytest.raises(ConfigError, match="needs opd.weights"):
+            load_config(TINY, [f"opd.routing='{routing}'"])
+    with pytest.raises(ConfigError, match="needs opd.routes"):
+        load_config(TINY, ["opd.routing='step'", "opd.routes={}"])
+    with pytest.raises(ConfigError, match=r"opd.route_weights.ghost: no route for this task"):
+        load_config(TINY, ["opd.routing='step'", "opd.route_weights={ghost = 1.0}"])
+    with pytest.raises(ConfigError, match="rollout.group_size = 1; must be >= 2"):
+        load_config(TINY, ["opd.loss='rkl_pg'", "rollout.group_size=1"])
+    with pytest.raises(ConfigError, match="needs opd.states = 'on_policy'"):
+        load_config(TINY, ["opd.loss='kl_only'", "opd.states='off_policy'"])
+    with pytest.raises(ConfigError, match=r"opd.query_states = 7; must be 0 \(dense\) or 1..6"):
+        load_config(TINY, ["opd.query_states=7", "opd.query_candidates='all'"])
+    load_config(TINY, ["opd.query_states=6", "opd.query_candidates='all'"])  # all T = 6 step inputs
+    with pytest.raises(ConfigError, match=r"routed task\(s\) \['ocr'\] have no prompts"):
+        load_config(TINY, ["opd.routing='step'", "opd.routes={compose='compose', ocr='text'}"], paths=True)
     with pytest.raises(ConfigError, match="opd.query_states = 9"):
         load_config(TINY, ["opd.query_states=9"])
 

@@ -70,8 +70,9 @@ def test_gkd_zero_when_student_equals_field() -> None:
     assert opd_loss(OPDConfig(loss="gkd"), v, v.clone(), tr).loss.item() == 0.0
 
 
-def test_kl_only_gradient_is_advantage_weighted_logprob() -> None:
-    """At ratio 1 (logp_old from the same velocity) the clipped objective's gradient is -A grad logp / B."""
+def test_kl_only_detached_gradient_is_advantage_weighted_logprob() -> None:
+    """The detached ablation, per sample: at ratio 1 (logp_old from the same velocity) the clipped objective's
+    gradient is -A grad logp / B."""
     sig = flow_match_sigmas(10, 3.0).double()
     idx = torch.tensor([1, 4, 6])
     x = torch.randn(3, 2, 4, 4, dtype=torch.float64)
@@ -81,7 +82,8 @@ def test_kl_only_gradient_is_advantage_weighted_logprob() -> None:
                     noise_level=0.7, logp_old=old.log_prob.double())
     vt = torch.randn_like(x)
     vs = v.clone().requires_grad_(True)
-    cfg = OPDConfig(loss="kl_only", beta=0.0, adv_clip=5.0, clip_range=1e-4)
+    cfg = OPDConfig(loss="kl_only", beta=0.0, adv_clip=5.0, clip_range=1e-4, advantage_grad=False,
+                    advantage_pairs=False)
     out = opd_loss(cfg, vs, vt, tr)
     out.loss.backward()
     adv = torch.clamp(-kl_f64(v, vt, tr), -5, 5)

@@ -95,3 +95,53 @@ def test_cuda_source_check_fails_on_a_broken_kernel(tmp_path: Path) -> None:
     (tmp_path / "csrc" / "k.cu").write_text(good.replace("const float* x", "const float3 x"))  # float3 * float
     bad = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 1 and "FAILED" in bad.stdout, bad.stdout + bad.stderr
+
+
+def _fake_cuda_torch(prefix: Path) -> Path:
+    """A TorchConfig.cmake that is CUDA torch as far as architectures go: it runs torch's own utils.cmake and
+    public/cuda.cmake (the files that read TORCH_CUDA_ARCH_LIST and set CMAKE_CUDA_ARCHITECTURES to OFF) against
+    the nvcc here, and defines the c10_cuda target; no libraries, so only the plain-CUDA .cu can be compiled."""
+    caffe2 = Path(torch.utils.cmake_prefix_path) / "Caffe2"
+    prefix.mkdir(parents=True)
+    (prefix / "TorchConfig.cmake").write_text(
+        f'include("{caffe2}/public/utils.cmake")\nset(CAFFE2_USE_CUDA 1)\nlist(APPEND CMAKE_MODULE_PATH "{caffe2}")\n'
+        f'include("{caffe2}/public/cuda.cmake")\nadd_library(c10_cuda INTERFACE IMPORTED)\nset(TORCH_LIBRARIES "")\n'
+        "set(Torch_FOUND TRUE)\n")
+    return prefix
+
+
+CUDA_ROOT = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda"))
+CUOBJDUMP = shutil.which("cuobjdump") or next(  # Triton's wheel carries one
+    (str(p) for p in Path(sys.prefix).glob("lib/python*/site-packages/triton/backends/nvidia/bin/cuobjdump")), None)
+
+
+@pytest.mark.slow  # two configures (~8 s each) and one nvcc compile (~8 s) on 2 cores
+@pytest.mark.skipif(shutil.which("cmake") is None or shutil.which("ninja") is None or
+                    not (CUDA_ROOT / "bin" / "nvcc").is_file() or CUOBJDUMP is None,
+                    reason="needs cmake, ninja, a CUDA toolkit (CUDA_HOME) and cuobjdump")
+def test_cmake_honours_torch_cuda_arch_list(tmp_path: Path) -> None:
+    """Issue 18: CMakeLists.txt's CMAKE_CUDA_ARCHITECTURES never took effect (torch's cmake sets it to OFF; the status
+    line printed "architectures OFF"). TORCH_CUDA_ARCH_LIST does: the nvcc flags and the object's cubins follow it."""
+    prefix = _fake_cuda_torch(tmp_path / "torch")
+    nvcc = f"-DCMAKE_CUDA_COMPILER={CUDA_ROOT / 'bin' / 'nvcc'}"
+
+    def configure(build: Path, arch: str | None) -> subprocess.CompletedProcess:
+        cmd = ["cmake", "-S", str(ROOT), "-B", str(build), "-G", "Ninja", f"-DCMAKE_PREFIX_PATH={prefix}", nvcc,
+               f"-DCUDA_TOOLKIT_ROOT_DIR={CUDA_ROOT}"]
+        env = {k: v for k, v in _env(TORCH_CUDA_ARCH_LIST=arch).items() if arch or k != "TORCH_CUDA_ARCH_LIST"}
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+    default = configure(tmp_path / "default", None)
+    assert default.returncode == 0, default.stdout[-3000:] + default.stderr[-3000:]
+    assert ("TORCH_CUDA_ARCH_LIST=8.0;9.0: -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90"
+            in default.stdout), default.stdout[-2000:]
+    assert "architectures OFF" not in default.stdout
+    hopper = configure(tmp_path / "hopper", "9.0a")
+    assert hopper.returncode == 0, hopper.stdout[-3000:] + hopper.stderr[-3000:]
+    assert "TORCH_CUDA_ARCH_LIST=9.0a: -gencode arch=compute_90a,code=sm_90a" in hopper.stdout
+    obj = "CMakeFiles/flowopd_native.dir/csrc/sde_step_kernels.cu.o"
+    built = subprocess.run(["ninja", "-C", str(tmp_path / "hopper"), obj], capture_output=True, text=True, timeout=600)
+    assert built.returncode == 0, built.stdout[-3000:]
+    elf = subprocess.run([CUOBJDUMP, "--list-elf", str(tmp_path / "hopper" / obj)], capture_output=True, text=True)
+    cubins = [line.split(":")[-1].strip() for line in elf.stdout.splitlines() if "cubin" in line]
+    assert cubins and all(c.endswith(".sm_90a.cubin") for c in cubins), elf.stdout

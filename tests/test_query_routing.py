@@ -19,7 +19,8 @@ def test_dense_queries_are_every_state_but_last() -> None:
 
 @pytest.mark.parametrize("bias", ["uniform", "low", "mid", "high"])
 def test_bin_probabilities_match_int_u_n(bias: str) -> None:
-    a, b = {"uniform": (1, 1), "low": (5, 2), "mid": (3, 3), "high": (2, 5)}[bias]
+    # DanceOPD's biases (danceopd/core/timestep.py:49-54): high_t Beta(2,5), mid_t Beta(5,5), low_t Beta(5,2)
+    a, b = {"uniform": (1, 1), "low": (5, 2), "mid": (5, 5), "high": (2, 5)}[bias]
     n = 9
     probs = bin_probabilities(n, bias)
     assert probs.sum().item() == pytest.approx(1.0, abs=1e-12)
@@ -57,7 +58,7 @@ PROMPTS = [parse_tagged(t) for t in ["[a] x1", "[a] x2", "[b] y1", "[b] y2", "[b
 def test_task_routing_is_hard_per_sample() -> None:
     r = Router(OPDConfig(routing="task", routes={"a": "fa", "b": "fb", "c": "fc"}), PROMPTS, seed=0)
     assert r.route(0, ["a", "b", "c", "b"]) == ["fa", "fb", "fc", "fb"]
-    assert r.pool(3) == (None, 0)
+    assert r.draw(3).pool is None and r.draw(3).pool_step == 3
 
 
 def test_task_routing_refuses_unrouted_tasks() -> None:
@@ -65,8 +66,8 @@ def test_task_routing_refuses_unrouted_tasks() -> None:
         Router(OPDConfig(routing="task", routes={"a": "fa", "b": "fb"}), PROMPTS, seed=0)
 
 
-def test_step_routing_draws_one_field_per_step_by_weight() -> None:
-    r = Router(OPDConfig(routing="step", weights={"f1": 3.0, "f2": 1.0, "f0": 0.0}), PROMPTS, seed=0)
+def test_field_step_routing_draws_one_field_per_step_by_weight() -> None:
+    r = Router(OPDConfig(routing="field_step", weights={"f1": 3.0, "f2": 1.0, "f0": 0.0}), PROMPTS, seed=0)
     picks = []
     for step in range(2000):
         fields = r.route(step, ["a", "b", "c"])
@@ -81,10 +82,11 @@ def test_step_routing_draws_one_field_per_step_by_weight() -> None:
 def test_epoch_routing_alternates_datasets() -> None:
     r = Router(OPDConfig(routing="epoch", routes={"a": "fa", "b": "fb"}, epoch_steps=2), PROMPTS, seed=0)
     assert [r.epoch_task(s) for s in range(6)] == ["a", "a", "b", "b", "a", "a"]
-    pool, key = r.pool(2)
-    assert [PROMPTS[i].task for i in pool] == ["b", "b", "b"] and key == 2
+    d = r.draw(2)
+    assert [PROMPTS[i].task for i in d.pool] == ["b", "b", "b"] and d.key == 2 and d.pool_step == 0
+    assert r.draw(5).pool_step == 3  # steps 0, 1, 4 drew bucket a before step 5
     s = PromptSampler(PROMPTS, seed=0, per_rank=4)
-    batch = s.batch(2, 0, pool, key)
+    batch = s.batch(2, 0, d.pool, d.key, d.pool_step)
     assert set(batch.tasks) == {"b"} and r.route(2, batch.tasks) == ["fb"] * 4
 
 

@@ -4,6 +4,7 @@ mis-loaded: wrong rank, target modules, shapes or base model, NaN/Inf, truncatio
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -198,9 +199,12 @@ def test_shipped_weights_with_nan_or_wrong_config(shipped: Path) -> None:
         load_transformer(shipped)
 
 
-def test_corrupt_model_dir_stops_the_cli(shipped: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_corrupt_model_dir_stops_the_cli(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    # a shipped base with an encoder that fits it (the builtin encoder fits only presets: refused by preflight)
+    shipped = tmp_path / "base"
+    shutil.copytree(REPO / "engine" / "worlds" / "toy" / "weights" / "base", shipped)
     data = (shipped / WEIGHTS).read_bytes()
     (shipped / WEIGHTS).write_bytes(data[: len(data) - 100])
     rc = main(["--config", str(REPO / "configs" / "tiny.toml"), "--output-dir", str(tmp_path / "run"), "--set",
-               f"model.path='{shipped}'", "--set", "train.steps=1"])
+               f"model.path='{shipped}'", "--set", "data.encoder='toy'", "--set", "train.steps=1"])
     assert rc == 1 and f"error: {shipped / WEIGHTS} is corrupt" in capsys.readouterr().err

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import shutil
 import tempfile
 import typing
@@ -18,6 +19,7 @@ from hypothesis import strategies as st
 
 from engine.adapters.lora import DEFAULT_TARGETS
 from engine.config import Config, ConfigError, load_config
+from engine.config import opd as O
 from engine.config import schema as C
 from engine.ops import BACKENDS
 from engine.train import main
@@ -95,6 +97,11 @@ BAD_VALUES: dict[str, st.SearchStrategy[str]] = {
     "opd.beta": NEG_F, "opd.query_states": st.sampled_from(["-1", "6", "40"]), "opd.student_cfg": NEG_F,
     "opd.clip_range": NONPOS_F, "opd.adv_clip": NONPOS_F,
     "opd.routes": st.just('{ compose = "ghost" }'), "opd.weights": st.just('{ ghost = 1.0 }'),
+    "opd.query_candidates": _choice(O.QUERY_CANDIDATES), "opd.query_weighting": _choice(O.QUERY_WEIGHTINGS),
+    "opd.states": _choice(O.STATE_SOURCES), "opd.offpolicy_endpoint": _choice(O.OFFPOLICY_ENDPOINTS),
+    "opd.rkl_pathwise": NEG_F, "opd.grad_diagnostic": st.integers(-5, -1).map(str),
+    "opd.route_weights": st.just('{ ghost = 1.0 }'), "opd.epoch_counts": st.just('{ ghost = 1 }'),
+    "train.ema_decay": st.sampled_from(["1.0", "1.5", "-0.1"]), "train.ema_every": NEG, "train.ema_repeats": NEG,
     **{f"train.{k}": NEG for k in ("steps", "prompts_per_step", "grad_accum", "log_every", "keep_checkpoints",
                                    "max_nonfinite")},
     "train.lr": NONPOS_F, "train.weight_decay": NEG_F, "train.eps": NONPOS_F,
@@ -103,13 +110,29 @@ BAD_VALUES: dict[str, st.SearchStrategy[str]] = {
     "train.save_every": st.integers(-5, -1).map(str),
     "train.profile_steps": st.sampled_from(['"5"', '"3:1"', '"a:b"', '"-1:2"']),
     "kernels.backends.sde_step": _choice(BACKENDS), "kernels.default": _choice(BACKENDS),
+    "train.step_timeout": st.sampled_from(["-2.0", "-0.5"]),
+    # seeds are [0, 2^63) (engine/config/checks.py SEED_LIMIT); a teacher's -1 means "load from path"
+    "model.init_seed": st.sampled_from(["-1", "-7"]), "train.seed": st.sampled_from(["-1", "-7"]),
+    "teachers.0.random_seed": st.sampled_from(["-2", "-9"]), "report.seeds": st.sampled_from(["[-1]", "[0, -3]"]),
 }
+FLOAT_KEYS = sorted(k for k, tp in KEYS.items() if tp is float)
+# non-finite items of list and table keys, as TOML literals the tiny config would otherwise accept
+NONFINITE_ITEMS = {"train.betas": ["[nan, 0.999]", "[0.9, inf]"], "init.weights": ["[nan, 1.0]", "[1.0, -inf]"],
+                   "data.task_weights": ["{ compose = nan, text = 1.0 }"], "opd.weights": ["{ compose = inf }"]}
+INT_KEYS = sorted(k for k, tp in KEYS.items() if tp is int)
 
 
 @st.composite
 def mutation(draw: st.DrawFn) -> tuple[str, str, str]:
     """(dotted key the message must name, `--set` assignment, kind): a wrong type, an impossible value or a typo."""
-    kind = draw(st.sampled_from(["type", "value", "unknown"]))
+    kind = draw(st.sampled_from(["type", "value", "unknown", "nonfinite", "overflow"]))
+    if kind == "nonfinite":  # NaN and infinities of every float key and float item
+        key = draw(st.sampled_from(FLOAT_KEYS + sorted(NONFINITE_ITEMS)))
+        value = draw(st.sampled_from(NONFINITE_ITEMS.get(key, ["nan", "inf", "-inf"])))
+        return key, f"{key}={value}", kind
+    if kind == "overflow":  # integers TOML cannot hold (tomllib accepts them)
+        key = draw(st.sampled_from(INT_KEYS))
+        return key, f"{key}={draw(st.sampled_from([str(1 << 63), str(1 << 64), str(-(1 << 63) - 1)]))}", kind
     if kind == "unknown":
         section = draw(st.sampled_from(["", "model.", "student.", "rollout.", "opd.", "train.", "kernels."]))
         name = draw(st.from_regex(r"[a-z][a-z_]{2,10}", fullmatch=True).filter(
@@ -143,9 +166,11 @@ def test_every_invalid_config_is_rejected_naming_each_bad_key(mutations: list[tu
         load_config(TINY, [m[1] for m in mutations])
     text = str(err.value)
     mutated = {m[0] for m in mutations}
-    for key, assignment, kind in mutations:
+    for i, (key, assignment, kind) in enumerate(mutations):
         if kind == "value" and DEPENDS.get(key, set()) & mutated:
             continue
+        if any(key.startswith(later + ".") for later, _, _ in mutations[i + 1:]):
+            continue  # a later `--set` of its table replaced the whole table, this key included
         assert _named(key, text), f"{assignment!r} not named in:\n{text}"
 
 
@@ -159,6 +184,33 @@ def test_it_is_rejected_before_any_work_starts(tmp_path: Path, capsys: pytest.Ca
     assert "student.targets: ['norm_q'] match no Linear layer" in err
     assert "opd.routes has no field for task(s) ['text']" in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (['data.prompts="{tmp}"'], "data.prompts: {tmp} is a directory"),
+    (['model.path="toy:base"', 'data.encoder="builtin"'], "data.encoder = 'builtin' fits only the model presets"),
+    (['data.encoder="toy"'], "data.encoder = 'toy': the 'toy' world's encoder gives prompt embeddings 64 wide and "
+                             "pooled embeddings 64 wide; the model (preset 'tiny') takes joint_attention_dim = 32"),
+    (['data.encoder="{tmp}"'], "data.encoder = '{tmp}': SD3 pipeline dir {tmp} has no text_encoder/"),
+    (["student.rank=33"], "student.rank = 33; must be <= 32"),
+    (["teachers.1.rank=40"], "teachers[1].rank = 40; must be <= 32"),
+    (["train.lr=inf", "fields.1.cfg_scale=nan"], "train.lr = inf; must be a finite number"),
+    (["model.init_seed=18446744073709551616"], "model.init_seed = 18446744073709551616; does not fit in 64 bits"),
+])
+def test_inputs_that_crashed_at_run_time_are_refused_up_front(tmp_path: Path, overrides: list[str],
+                                                              message: str) -> None:
+    """Each of these gave a traceback or a bare matmul error after start-up before; now exit 2, nothing written."""
+    out = tmp_path / "run"
+    sets = [o.format(tmp=tmp_path) for o in overrides]
+    assert main(["--config", str(TINY), "--output-dir", str(out), *sum((["--set", o] for o in sets), [])]) == 2
+    with pytest.raises(ConfigError, match=re.escape(message.format(tmp=tmp_path))):
+        load_config(TINY, sets, paths=True)
+    assert not out.exists()
+
+
+def test_an_empty_output_dir_flag_is_refused(capsys: pytest.CaptureFixture) -> None:
+    assert main(["--config", str(TINY), "--output-dir", ""]) == 2
+    assert "output_dir is empty" in capsys.readouterr().err
 
 
 def test_environment_checks_name_the_key() -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -33,9 +34,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_ranks(out: Path, ranks: list[int], world: int, env_extra: dict[str, str]) -> list[subprocess.Popen]:
+def start_ranks(out: Path, ranks: list[int], world: int, env_extra: dict[str, str],
+                extra: list[str] = ()) -> list[subprocess.Popen]:
     port = str(free_port())
-    sets = sum((["--set", s] for s in [*SETTINGS, "train.prompts_per_step=1"]), [])
+    sets = sum((["--set", s] for s in [*SETTINGS, "train.prompts_per_step=1", *extra]), [])
     procs = []
     for rank in ranks:
         env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "RANK": str(rank),
@@ -120,10 +122,38 @@ def test_stuck_rank_makes_the_other_exit_after_the_timeout(tmp_path: Path) -> No
         assert rc0 == 1, log0[-3000:]
         assert "error: rank 0/2: communication with another rank failed" in log0
         assert "collective timeout 15 s" in log0
-        assert procs[1].poll() is None  # the stuck rank is still stuck; a scheduler's job timeout ends it
+        # the watchdogs' records name the culprit even though the collective timeout fired first
+        assert "the watchdog saw: stuck: rank 1 between phases of step 1 (running" in log0, log0[-3000:]
+        assert procs[1].poll() is None  # the stuck rank is still stuck (its watchdog's limit is the auto 1800 s)
     finally:
         procs[1].kill()
         procs[1].wait()
+
+
+def test_a_rank_stuck_in_its_rollout_ends_the_job_naming_rank_and_phase(tmp_path: Path) -> None:
+    """Stuck outside any collective (in its rollout): the watchdog ends both ranks after train.step_timeout, long
+    before the collective timeout, and both messages name rank 1 and the phase."""
+    out = tmp_path / "run"
+    procs = start_ranks(out, [0, 1], 2, {FAULT_ENV: "step.rollout@2:1=hang", DIST_TIMEOUT_ENV: "300"},
+                        ["train.step_timeout=10"])
+    try:
+        t0 = time.monotonic()
+        rc1, _ = wait(procs[1], 240)
+        rc0, _ = wait(procs[0], 60)
+        took = time.monotonic() - t0
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    log0, log1 = rank_log(out, 0), rank_log(out, 1)
+    assert rc1 == 1 and rc0 == 1, log0[-2000:] + log1[-2000:]
+    assert took < 200, took  # far below the 300 s collective timeout
+    assert "error: rank 1/2: step 2 has not finished after" in log1 and "train.step_timeout = 10 s" in log1
+    stuck = re.compile(r"stuck: rank 1 in phase 'rollout' for [\d.]+ s of step 2 \(running")
+    assert stuck.search(log1) and "Waiting for it: rank 0 in phase" in log1
+    assert stuck.search(log0)  # rank 0's own watchdog, or its failed collective with the watchdog's records
+    assert [m["step"] for m in read_metrics(out / "metrics.jsonl")] == [0, 1]
 
 
 def test_missing_rank_at_start_times_out_clearly(tmp_path: Path) -> None:

@@ -19,8 +19,9 @@ DANCE = "OPD student (DanceOPD: low-noise MSE)"
 # The default's own rows and files, with every run cut to 2 steps of 4 images and 1 sample per eval prompt.
 SHORT = ["train.steps=2", "train.prompts_per_step=2", "rollout.group_size=2", "train.save_every=1",
          "report.eval_every=1", "report.samples_per_prompt=1",
-         f'experiment.variants."{DANCE}"=["opd.loss=mse", "rollout.sampler=ode", "opd.query_states=1", '
-         f'"opd.query_bias=low", "opd.beta=0.0", "train.steps=2"]']
+         f'experiment.variants."{DANCE}"=["opd.loss=mse", "rollout.sampler=ode", "opd.routing=step", '
+         f'"opd.query_states=1", "opd.query_bias=low", "opd.query_candidates=all", "opd.beta=0.0", '
+         f'"opd.anchor=\'\'", "train.steps=2"]']
 
 
 def _args(out: Path) -> list[str]:
@@ -69,6 +70,8 @@ def test_default_run_writes_the_table_samples_and_curves(demo: Path) -> None:
     dance = read_metrics(Path(variant_config(main_cfg, DANCE).output_dir) / "metrics.jsonl")
     flow = read_metrics(demo / "metrics.jsonl")
     assert "anchor" in flow[0] and "anchor" not in dance[0]
+    # ... with G=1 routing: one expert per step
+    assert all(len([k for k in m if k.startswith("field/")]) == 1 for m in dance)
 
 
 def test_rerunning_the_finished_default_repeats_no_step_and_reproduces_the_table(demo: Path) -> None:

@@ -85,7 +85,7 @@ def test_resume_continues_the_same_curve(tmp_path: Path) -> None:
 
 def test_resume_refuses_a_different_student(tmp_path: Path) -> None:
     run(tmp_path / "r", ["train.steps=2"])
-    with pytest.raises(RuntimeError, match="different model/student config"):
+    with pytest.raises(RuntimeError, match=r"was trained with another config(.|\n)*student.rank: 4 -> 2"):
         run(tmp_path / "r", ["train.steps=4", "student.rank=2"])
 
 
@@ -132,17 +132,28 @@ def test_grad_accumulation_equals_a_larger_batch(tmp_path: Path) -> None:
     ["opd.loss='kl_only'"],
     ["opd.loss='mse'", "rollout.sampler='ode'", "rollout.cfg_scale=1.0", "opd.student_cfg=1.0",
      "opd.query_states=1", "opd.query_bias='low'", "opd.anchor=''"],
-    ["opd.routing='step'", "opd.weights={compose = 1.0, base = 0.5}"],
+    ["opd.routing='step'", "opd.route_weights={compose = 1.0, text = 0.5}"],
+    ["opd.routing='field_step'", "opd.weights={compose = 1.0, base = 0.5}"],
+    ["opd.routing='soft'", "opd.weights={compose = 1.0, text = 1.0}", "opd.query_candidates='all'",
+     "opd.query_states=2", "opd.query_bias='stratified'"],
+    ["opd.loss='rkl_pg'", "rollout.group_size=2", "opd.rkl_pathwise=0.5", "opd.grad_diagnostic=1"],
+    ["opd.loss='mse'", "opd.states='off_policy'", "opd.offpolicy_endpoint='field'", "rollout.sampler='ode'",
+     "opd.query_weighting='diffusionopd'", "opd.query_candidates='all'"],
     ["opd.routing='epoch'", "opd.epoch_steps=1", "init.merge='average'"],
     ["opd.evaluator='reference'", "model.dtype='bfloat16'"],
     ["opd.evaluator='batched'"],
-], ids=["kl_only", "danceopd_mse_ode", "step_routing", "epoch_routing", "bf16", "batched_fields"])
+], ids=["kl_only", "danceopd_mse_ode", "step_routing", "field_step_routing", "soft_routing", "rkl_pg_diagnostic",
+        "offpolicy_field_dense", "epoch_routing", "bf16", "batched_fields"])
 def test_method_variants_train(tmp_path: Path, overrides: list[str]) -> None:
     _, rows = run(tmp_path / "r", [*overrides, "train.steps=2", "train.save_every=0"])
     assert len(rows) == 2
     assert all(r["skipped"] is False and r["loss"] == r["loss"] for r in rows)
     if "opd.routing='epoch'" in overrides:
         assert set(rows[0]) & {"field/compose", "field/text"} != set(rows[1]) & {"field/compose", "field/text"}
+    if "opd.routing='step'" in overrides:  # G=1: every sample of a step routed to one field
+        assert all(len(set(r) & {"field/compose", "field/text"}) == 1 for r in rows)
+    if "opd.grad_diagnostic=1" in overrides:
+        assert all(r["grad/pathwise"] > 0 and r["grad/score"] > 0 and -1 <= r["grad/cos"] <= 1 for r in rows)
 
 
 def test_batched_field_evaluator_trains_like_the_reference(tmp_path: Path) -> None:

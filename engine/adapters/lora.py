@@ -88,6 +88,28 @@ def adapter_names(model: torch.nn.Module) -> list[str]:
     return list(getattr(model, "peft_config", {}).keys())
 
 
+_COMPANIONS = "_flowopd_companions"
+
+
+def set_companions(model: torch.nn.Module, name: str, companions: Sequence[str]) -> None:
+    """Frozen adapters that `AdapterSwitch` activates together with adapter `name` (and never alone): a warm start
+    merged under the student (engine/student.py)."""
+    setattr(model, _COMPANIONS, {**getattr(model, _COMPANIONS, {}), name: list(companions)})
+
+
+def companions(model: torch.nn.Module, name: str | None) -> list[str]:
+    """The companions of adapter `name` (`set_companions`); [] for None or none set."""
+    return list(getattr(model, _COMPANIONS, {}).get(name, [])) if name is not None else []
+
+
+def is_full_checkpoint(path: Path) -> bool:
+    """True for a full transformer dir (`config.json`, or a pipeline dir with `transformer/config.json`) rather than
+    a LoRA (a PEFT dir or a diffusers LoRA file/dir): such a teacher is a second frozen model (engine/student.py)."""
+    if not path.is_dir() or (path / PEFT_CONFIG).is_file() or (path / DIFFUSERS_WEIGHTS).is_file():
+        return False
+    return (path / "config.json").is_file() or (path / "transformer" / "config.json").is_file()
+
+
 class AdapterSwitch:
     """Cheap switching of the active field: an adapter name, or None for the base (adapters disabled)."""
 
@@ -106,12 +128,13 @@ class AdapterSwitch:
         """Make `name` the active adapter (None: adapters disabled, the base)."""
         if name is not None and name not in adapter_names(self.model):
             raise KeyError(f"no adapter named {name!r}; loaded: {adapter_names(self.model)}")
+        active = [*companions(self.model, name), name]
         for layer in self.layers:
             if name is None:
                 layer._disable_adapters = True
             else:
                 layer._disable_adapters = False
-                layer._active_adapter = [name]
+                layer._active_adapter = active
         self.current = name
 
     @contextmanager
@@ -284,13 +307,13 @@ def adapter_scale(model: torch.nn.Module, name: str) -> float:
 
 
 def load_teachers(model: torch.nn.Module, teachers: Sequence[Any], targets: Sequence[str]) -> None:
-    """Every `[[teachers]]` entry (engine.config.schema.TeacherConfig) as a named adapter on `model`: loaded from its
-    path (`<world>:` paths resolved, alpha override applied) or, with `random_seed >= 0`, a random stand-in on
-    `targets`."""
+    """Every LoRA `[[teachers]]` entry (engine.config.schema.TeacherConfig) as a named adapter on `model`: loaded from
+    its path (`<world>:` paths resolved, alpha override applied) or, with `random_seed >= 0`, a random stand-in on
+    `targets`. Full-checkpoint teachers (`is_full_checkpoint`) are skipped: they are models of their own."""
     from engine.config.io import resolve_path
 
     for t in teachers:
         if t.random_seed >= 0:
             random_adapter(model, t.name, LoraSpec(t.rank, float(t.rank), tuple(targets)), t.random_seed)
-        else:
+        elif not is_full_checkpoint(resolve_path(t.path)):  # full checkpoints: engine.student.load_full_teachers
             load_adapter(model, t.name, resolve_path(t.path), alpha=t.alpha or None)

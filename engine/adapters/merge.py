@@ -7,6 +7,12 @@ Two methods:
 - `svd`: the exact weighted sum of the teachers' deltas dW = sum_i w_i s_i B_i A_i (s_i = alpha_i/r_i),
   re-factored to the student's rank by truncated SVD, the best rank-r approximation (Eckart-Young).
   Weights default to 1/K (the mean delta); weights of 1 give the plain sum (task arithmetic).
+
+A student layer that no merged teacher targets (e.g. `attn2.*` of SD3.5-M's dual-attention blocks when the
+Flow-GRPO experts target `attn.*` only: 52 of 243 layers) keeps the student's own init (A drawn, B = 0), so it
+trains; zeroing both A and B there, as a plain copy of the merge would, leaves the gradient of A (through B = 0)
+and of B (through A = 0) zero forever. `merge_into_student` returns how many layers kept their init. Likewise the
+`svd` merge fills only the delta's rank and leaves the remaining rank directions at the student's init.
 """
 
 from __future__ import annotations
@@ -35,8 +41,9 @@ def merge_into_student(
     method: str = "svd",
     weights: Sequence[float] | None = None,
     student: str = STUDENT,
-) -> None:
-    """Overwrite the student adapter with the merge of `teachers` (in place, every targeted layer)."""
+) -> int:
+    """Overwrite the student adapter with the merge of `teachers` in every layer some teacher targets (in place);
+    returns the number of student layers no teacher covers, which keep their init."""
     if method not in MERGE_METHODS:
         raise ValueError(f"unknown merge method {method!r}; valid: {MERGE_METHODS}")
     if not teachers:
@@ -44,6 +51,7 @@ def merge_into_student(
     w = _weights(teachers, weights)
     s_student = adapter_scale(model, student)
     scales = [adapter_scale(model, t) for t in teachers]
+    uncovered = 0
     for layer in lora_layers(model):
         if student not in layer.lora_A:
             continue
@@ -51,8 +59,7 @@ def merge_into_student(
         rank = a_s.shape[0]
         present = [(t, wi, si) for t, wi, si in zip(teachers, w, scales) if t in layer.lora_A]
         if not present:
-            a_s.zero_()
-            b_s.zero_()
+            uncovered += 1
             continue
         if method == "average":
             total = sum(wi for _, wi, _ in present)
@@ -69,11 +76,14 @@ def merge_into_student(
             wi * si * layer.lora_B[t].weight.double() @ layer.lora_A[t].weight.double() for t, wi, si in present
         )
         u, sv, vh = torch.linalg.svd(delta / s_student, full_matrices=False)
-        k = min(rank, sv.shape[0])
+        # rank directions the merge does not fill (the delta's rank < the student's: 3 rank-8 teachers into rank
+        # 32 leave 8) keep the student's init row of A with B = 0: the same delta, but trainable
+        k = int((sv[: min(rank, sv.shape[0])] > sv[0] * 1e-12).sum()) if sv.numel() and sv[0] > 0 else 0
         root = sv[:k].sqrt()
         new_b = torch.zeros_like(b_s, dtype=torch.float64)
-        new_a = torch.zeros_like(a_s, dtype=torch.float64)
+        new_a = a_s.detach().double().clone()
         new_b[:, :k] = u[:, :k] * root
         new_a[:k] = root[:, None] * vh[:k]
         a_s.copy_(new_a.to(a_s.dtype))
         b_s.copy_(new_b.to(b_s.dtype))
+    return uncovered

@@ -27,6 +27,7 @@ from peft.tuners.lora import Linear as LoraLinear
 
 from engine.adapters.lora import STUDENT, adapter_names, lora_layers
 from engine.ops import lora_segmented
+from engine.transfer import device_ints, to_device
 
 # ----------------------------------------------------------------------------------------- segment batch
 
@@ -42,6 +43,10 @@ class SegmentBatch:
     rows: int
     present: frozenset[int] = field(default_factory=frozenset)
     """Slots with at least one row (known on the host, so no device read is needed to decide anything)."""
+    host_bounds: tuple[int, ...] = ()
+    """`seg_indptr` on the host (empty for a padded batch, whose device metadata may be overwritten later)."""
+    host_adapters: tuple[int, ...] = ()
+    """`seg_adapter` as known on the host when the batch was made."""
 
     @staticmethod
     def from_slots(slots: Sequence[int], device: torch.device | str, pad_to: int | None = None) -> SegmentBatch:
@@ -64,9 +69,15 @@ class SegmentBatch:
                 raise ValueError(f"{len(ids)} segments do not fit pad_to={pad_to}")
             bounds += [len(slots)] * (pad_to - len(ids))
             ids += [-1] * (pad_to - len(ids))
-        indptr = torch.tensor(bounds, dtype=torch.int32).to(device, non_blocking=True)
-        adapter = torch.tensor(ids, dtype=torch.int32).to(device, non_blocking=True)
-        return SegmentBatch(indptr, adapter, len(slots), frozenset(s for s in ids if s >= 0))
+        present = frozenset(s for s in ids if s >= 0)
+        if pad_to is None:  # the same few row plans every step: device copies made once (engine/transfer.py)
+            indptr, adapter = device_ints(bounds, device, torch.int32), device_ints(ids, device, torch.int32)
+            return SegmentBatch(indptr, adapter, len(slots), present, tuple(bounds), tuple(ids))
+        # fresh tensors: a padded batch's metadata is meant to be overwritten in place (graph replays), so the host
+        # copy is not kept (nothing may decide on it)
+        indptr = to_device(torch.tensor(bounds, dtype=torch.int32), device)
+        adapter = to_device(torch.tensor(ids, dtype=torch.int32), device)
+        return SegmentBatch(indptr, adapter, len(slots), present)
 
 
 # ---------------------------------------------------------------------------------------------- the layer
@@ -91,11 +102,15 @@ class _Stack:
 class MultiLoraState:
     """Shared by the installed layers of one model: adapter slots, the active batch, the trainable adapter."""
 
-    def __init__(self, model: torch.nn.Module, trainable: str | None = STUDENT, share_frozen: bool = True):
+    def __init__(self, model: torch.nn.Module, trainable: str | None = STUDENT, share_frozen: bool = True,
+                 merge_rows: int = 0):
         self.model = model
         self.trainable = trainable
         self.share_frozen = share_frozen
         """Point frozen adapters' peft weights at their slot of the stack (memory: base + 1x adapters)."""
+        self.merge_rows = merge_rows
+        """Segments of at least this many token rows (batch rows x tokens per row) of an adapter that gets no
+        gradient run as one GEMM against W + s B A (`MultiLoraLinear._merged_segments`); 0 = never."""
         self.slots: list[str] = []
         self.layers: list[MultiLoraLinear] = []
         self.batch: SegmentBatch | None = None
@@ -256,26 +271,89 @@ class MultiLoraLinear(LoraLinear):
                 b = b.index_copy(0, idx, F.pad(pb.to(b.dtype), (0, pad))[None])
                 trainable = t
         base = self.get_base_layer()
+        if state.merge_rows and batch.host_bounds:
+            keep = t if torch.is_grad_enabled() else None  # the student's rows stay segmented while it may train
+            y = self._merged_segments(x, a, b, stack, batch, state.merge_rows, keep, trainable)
+            if y is not None:
+                return y
         return lora_segmented(x, base.weight, base.bias, a, b, stack.scales, batch.seg_indptr, batch.seg_adapter,
                               trainable)
 
+    def _merged_segments(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, stack: _Stack,
+                         batch: SegmentBatch, threshold: int, keep: int | None,
+                         trainable: int | None) -> torch.Tensor | None:
+        """The forward with every large frozen segment as ONE GEMM against W_i = W + s_i B_i A_i (None: no segment
+        is large). A segment of m token rows costs the segmented path m (K + 2N) elements of extra traffic (shrink
+        reads x, expand reads and writes y) and the merge 2 N K (read W, write W_i): merging pays from m ~ 2NK / (K +
+        2N), 1024 token rows for SD3.5-M's 1536-wide projections (one 512 px image); `merge_rows` is where it does
+        measurably (bench/test_multi_teacher.py `merged-segments`). Slot `keep` (the student while grad is on: its
+        weight gradients stay the segmented op's) and the runs of small segments between large ones keep the
+        segmented op (`trainable` as there); rows outside every segment are base rows.
+        """
+        rows, n_out = x.shape[0], self.out_features
+        tokens = x.numel() // max(rows * x.shape[-1], 1)
+        bounds, slots = batch.host_bounds, batch.host_adapters
+        pieces: list[tuple[int, int, int | None]] = []  # (lo, hi, merged slot or None for a segmented run)
+        for s, slot in enumerate(slots):
+            lo, hi = bounds[s], bounds[s + 1]
+            if slot >= 0 and slot != keep and (hi - lo) * tokens >= threshold:
+                pieces.append((lo, hi, slot))
+            elif hi > lo:
+                if pieces and pieces[-1][2] is None and pieces[-1][1] == lo:
+                    lo = pieces.pop()[0]
+                pieces.append((lo, hi, None))
+        if not any(p[2] is not None for p in pieces):
+            return None
+        if bounds[-1] < rows:  # rows after the last segment: base rows, segmented run without segments
+            pieces.append((bounds[-1], rows, None))
+        base = self.get_base_layer()
+        weight, bias = base.weight, base.bias
+        grad = torch.is_grad_enabled()
+        y = None if grad else x.new_empty((*x.shape[:-1], n_out))
+        outs = []
+        for lo, hi, slot in pieces:
+            xs = x[lo:hi]
+            if slot is not None:
+                w = torch.addmm(weight, b[slot].to(weight.dtype), a[slot].to(weight.dtype),
+                                alpha=stack.scale_values[slot])
+                if grad:
+                    outs.append(F.linear(xs, w, bias))
+                else:  # straight into the output rows: no piece tensor, no concatenation
+                    x2, y2 = xs.reshape(-1, xs.shape[-1]), y[lo:hi].view(-1, n_out)
+                    torch.addmm(bias, x2, w.t(), out=y2) if bias is not None else torch.mm(x2, w.t(), out=y2)
+                continue
+            sub = [(min(bounds[s + 1], hi) - lo, slot_s) for s, slot_s in enumerate(slots)
+                   if bounds[s + 1] > lo and bounds[s] < hi]
+            if all(sl < 0 for _, sl in sub):  # base rows only
+                piece = F.linear(xs, weight, bias)
+            else:
+                seg_b = device_ints([0] + [e for e, _ in sub], x.device, torch.int32)
+                seg_a = device_ints([sl for _, sl in sub], x.device, torch.int32)
+                piece = lora_segmented(xs, weight, bias, a, b, stack.scales, seg_b, seg_a, trainable)
+            if grad:
+                outs.append(piece)
+            else:
+                y[lo:hi].copy_(piece)
+        return torch.cat(outs) if grad else y
+
 
 def install_multi_lora(
-    model: torch.nn.Module, trainable: str | None = STUDENT, share_frozen: bool = True
+    model: torch.nn.Module, trainable: str | None = STUDENT, share_frozen: bool = True, merge_rows: int = 0
 ) -> MultiLoraState:
     """Install (idempotently) the segmented layers on every peft LoRA layer of `model`; returns the state.
 
     `share_frozen`: at the first segmented forward, frozen adapters' peft weights are re-pointed (`.data`)
     at their slot of the stacked copy where that slot is contiguous, so K teachers cost one copy of their
-    weights, not two; values, names and state_dict are unchanged.
+    weights, not two; values, names and state_dict are unchanged. `merge_rows`: see `MultiLoraState.merge_rows`.
     """
     state = getattr(model, "_flowopd_multi_lora", None)
     if state is None:
-        state = MultiLoraState(model, trainable, share_frozen)
+        state = MultiLoraState(model, trainable, share_frozen, merge_rows)
         model._flowopd_multi_lora = state
     else:
         state.trainable = trainable
         state.share_frozen = share_frozen
+        state.merge_rows = merge_rows
         state.refresh()
     return state
 

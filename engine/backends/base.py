@@ -10,6 +10,13 @@ objective, eval) sees only:
 - a `TensorCond` subclass as the conditioning of a batch: batch-first tensors that generic code indexes,
   concatenates, moves and copies field by field without knowing what the fields mean. `uncond_twin` says what the
   unconditional branch of classifier-free guidance keeps (SD3: nothing of the row; an edit: the source image).
+
+Edit rows (a reference image conditions the row: DanceOPD's editing fields) take three more pieces, all optional
+for a family without edit conditioning: an encoder with `encode_edit(prompts)` (the caption rows of edit prompts,
+`EditTextEncoder`), an `ImageEncoder` (source images -> the image tensors of the row, cached once per image like
+prompt embeddings) and `TensorCond.with_images` (captions + images -> edit rows). `forward_groups` says which rows
+the family runs as separate forwards (Z-Image: text-to-image and edit rows are different forward modes), so a
+batched evaluator can give each group its own segment metadata.
 """
 
 from __future__ import annotations
@@ -21,6 +28,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
 import torch
+
+from engine.transfer import to_device
 
 if TYPE_CHECKING:
     from engine.config.schema import Config
@@ -60,10 +69,16 @@ class TensorCond:
         """Rows `idx` of every field."""
         return self._map(lambda t: t[idx])
 
-    def to(self: C, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> C:
-        """Every field on `device`; floating fields also in `dtype`."""
-        return self._map(lambda t: t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point()
-                                        else None))
+    def to(self: C, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+           non_blocking: bool = False) -> C:
+        """Every field on `device`; floating fields also in `dtype`. `non_blocking`: a CPU -> CUDA move goes through
+        pinned memory without blocking the host (engine.transfer.to_device)."""
+        def move(t: torch.Tensor) -> torch.Tensor:
+            if non_blocking and device is not None:
+                t = to_device(t, device)
+            return t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else None)
+
+        return self._map(move)
 
     def expand(self: C, batch: int) -> C:
         """A batch-1 conditioning repeated `batch` times (a view: the unconditional prompt)."""
@@ -96,6 +111,17 @@ class TensorCond:
         return self._map(lambda t: torch.zeros((batch, *t.shape[1:]), device=device or t.device,
                                                dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype))
 
+    def with_images(self: C, images: Mapping[str, torch.Tensor]) -> C:
+        """These caption rows (from `EditTextEncoder.encode_edit`) joined with one source image each (`images`: the
+        batch-first tensors of `ImageEncoder.encode`, row i for caption row i): the edit rows. Default: the family
+        has no edit conditioning (TypeError)."""
+        raise TypeError(f"{type(self).__name__} has no edit conditioning (no source images)")
+
+    def forward_groups(self) -> list[list[int]]:
+        """Row indices, in row order, of each group the family runs as its own forward (rows of different kinds);
+        default: every row in one forward."""
+        return [list(range(len(self)))]
+
     def uncond_twin(self: C, uncond: C) -> C:
         """Each row's unconditional twin for classifier-free guidance, given the empty prompt's conditioning
         `uncond` (batch 1). Default: the empty prompt for every row, nothing of the row kept (text-to-image).
@@ -113,6 +139,28 @@ class TextEncoder(Protocol):
 
     def encode(self, prompts: list[str]) -> TensorCond:
         """Conditioning of `prompts` (float32, CPU); "" is the unconditional prompt."""
+        ...
+
+
+class EditTextEncoder(TextEncoder, Protocol):
+    """A text encoder that can also write the caption rows of edit prompts (the family's edit layout)."""
+
+    def encode_edit(self, prompts: list[str]) -> TensorCond:
+        """Caption rows of edit prompts with one source image each (float32, CPU); join them with their images by
+        `TensorCond.with_images`."""
+        ...
+
+
+class ImageEncoder(Protocol):
+    """Source images -> the image tensors of edit rows; run once per image into the image cache, never in the loop."""
+
+    @property
+    def identity(self) -> str:
+        """Changes whenever the outputs could (keys the image cache; includes the size images are resized to)."""
+        ...
+
+    def encode(self, images: list[Any]) -> dict[str, torch.Tensor]:
+        """Batch-first tensors (float32, CPU) of RGB PIL images, as `TensorCond.with_images` takes them."""
         ...
 
 
@@ -167,6 +215,12 @@ class ModelBackend(Protocol):
         """Family-specific impossible values of `config` (no file access): presets, latent size, attention."""
         ...
 
+    def source_image_problem(self, config: Config, size: tuple[int, int]) -> str:
+        """Why a source image of `size` (width, height) cannot condition an edit row of `config` ("" = it can); pure,
+        so preflight can check every row's image before anything is loaded. A family without edit conditioning
+        says so for every image."""
+        ...
+
     def preflight(self, config: Config) -> list[str]:
         """Problems only the inputs can show (files read, nothing heavy loaded): the student's targets on the real
         architecture (built on the meta device), encoder width vs model width."""
@@ -187,6 +241,11 @@ class ModelBackend(Protocol):
         Errors name the offending file."""
         ...
 
+    def sigmas(self, steps: int, shift: float) -> torch.Tensor:
+        """The family pipeline's sampling schedule: `steps + 1` float32 noise levels from 1 (noise) down to 0, the
+        grid every rollout and eval of the family steps over (SD3: FlowMatchEulerDiscreteScheduler's)."""
+        ...
+
     def velocity(self, model: torch.nn.Module, x: torch.Tensor, sigma: torch.Tensor,
                  cond: TensorCond) -> torch.Tensor:
         """v(x, sigma | cond) with whatever adapter is active; sigma [B] (or scalar) in the engine's convention
@@ -199,6 +258,11 @@ class ModelBackend(Protocol):
         GPU when there is one)."""
         ...
 
+    def image_encoder(self, spec: str, model_spec: ModelSpec, device: str | None = None) -> ImageEncoder:
+        """The source-image encoder of `data.encoder = spec` (`builtin`, or a local pipeline dir) for edit rows;
+        ValueError when the family has no edit conditioning."""
+        ...
+
     def vae(self, path: Path | None) -> VAE | None:
         """The VAE of a local pipeline dir, or None when there is none (a preset, a transformer-only dir)."""
         ...
@@ -208,8 +272,10 @@ class ModelBackend(Protocol):
         cannot do with a clear message."""
         ...
 
-    def forward_flops(self, spec: ModelSpec, lora_rank: int | None, lora_targets: Sequence[str]) -> float:
-        """Model FLOPs of one sample's forward (multiply-add = 2), with a LoRA of `lora_rank` on `lora_targets`."""
+    def forward_flops(self, spec: ModelSpec, lora_rank: int | None, lora_targets: Sequence[str],
+                      edit: bool = False) -> float:
+        """Model FLOPs of one sample's forward (multiply-add = 2), with a LoRA of `lora_rank` on `lora_targets`; `edit`:
+        an edit row (its source image's tokens too; ValueError for a family without edit rows)."""
         ...
 
     def save_lora(self, directory: Path, state: Mapping[str, torch.Tensor], metadata: Mapping[str, Any],

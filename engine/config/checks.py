@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import math
 
+# Seeds are hashed into 63-bit generator seeds (engine/rng.py) and given to torch.manual_seed, which refuses values
+# outside [-2^63, 2^64); a seed in [0, 2^63) is the same seed everywhere. TOML integers are 64-bit signed.
+SEED_LIMIT = 1 << 63
+
 
 def choice(problems: list[str], where: str, value: str, valid: tuple[str, ...]) -> None:
     """Append a problem when `value` is not one of `valid`."""
@@ -30,3 +34,10 @@ def finite(problems: list[str], where: str, value: float) -> bool:
         problems.append(f"{where} = {value}; must be a finite number")
         return False
     return True
+
+
+def need_seed(problems: list[str], where: str, value: int, off: int | None = None) -> None:
+    """Append a problem unless `value` is a seed in [0, 2^63) (or the `off` value that disables it)."""
+    if value != off:
+        rule = f"must be in [0, 2^63){f' or {off}' if off is not None else ''}"
+        need(problems, where, value, 0 <= value < SEED_LIMIT, rule)

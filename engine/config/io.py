@@ -90,7 +90,10 @@ def _convert(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
             return value
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
-            return value
+            if -(1 << 63) <= value < 1 << 63:
+                return value
+            problems.append(f"{where} = {value}; does not fit in 64 bits (TOML integers are 64-bit signed)")
+            return None
     elif tp is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
             return float(value)
@@ -168,6 +171,9 @@ def apply_override(data: dict, assignment: str, problems: list[str]) -> None:
             node = node[int(part)]
         else:
             node = node.setdefault(part, [] if parts[i + 1].isdigit() else {})
+        if not isinstance(node, dict | list):  # e.g. `--set a=1 --set a.b=2`: `a` is a value, not a table
+            problems.append(f"--set {key}: {'.'.join(parts[: i + 1])} = {node!r} is not a table")
+            return
     last = parts[-1]
     value = _parse_scalar(text.strip())
     if isinstance(node, list):

@@ -1,12 +1,14 @@
 """Preflight: what only the files and this machine can tell, checked before any heavy work (exit 2, nothing
 written): inputs that do not exist, an unwritable output dir, dtypes the device lacks, prompts whose tasks have no
-route, the student's targets on the real architecture (the family backend builds it on the meta device)."""
+route, edit rows' images (missing, unreadable, refused by the family: named by file and line), the student's targets
+on the real architecture (the family backend builds it on the meta device)."""
 
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 from engine.config.io import deepspeed_json, resolve_path
 from engine.config.schema import Config
@@ -30,6 +32,8 @@ def check_paths(c: Config) -> list[str]:
         need(f"report.rows.{name}", path, "adapter")
     if not c.data.prompts.startswith("builtin:"):
         need("data.prompts", c.data.prompts, "prompt file")
+        if resolve_path(c.data.prompts).is_dir():
+            p.append(f"data.prompts: {c.data.prompts} is a directory; expected a .jsonl or .txt prompt file")
     if c.data.encoder != "builtin" and find_world(c.data.encoder) is None:
         need("data.encoder", c.data.encoder, f"{c.model.family} pipeline dir")
     if not deepspeed_json(c).is_file():
@@ -70,8 +74,24 @@ def check_environment(c: Config) -> list[str]:
         backend = get_backend(c.model.family)
     except KeyError:
         return p  # reported by validate
+    p.extend(_check_edit_rows(c, backend))
     p.extend(backend.preflight(c))
     return p
+
+
+def _check_edit_rows(c: Config, backend: Any) -> list[str]:
+    """Edit rows' images (engine/data/edits.py): each missing or unreadable source/target, an edit task's row
+    without a source, a source the family refuses, named by prompt file and line."""
+    from engine.data.edits import edit_problems
+    from engine.data.prompts import load_prompts
+
+    try:
+        prompts = load_prompts(c.data.prompts)
+    except (ValueError, ImportError, OSError, KeyError):
+        return []  # reported by _check_prompts
+    if not any(q.source for q in prompts):
+        return []
+    return [f"data.prompts: {q}" for q in edit_problems(prompts, lambda size: backend.source_image_problem(c, size))]
 
 
 def _check_prompts(c: Config) -> list[str]:
@@ -98,4 +118,8 @@ def _check_prompts(c: Config) -> list[str]:
     if o.routing == "epoch" and o.routes and not set(tasks) & set(o.routes):
         return [f"opd.routes: no task of data.prompts ({tasks}) has a route, so routing = 'epoch' has nothing to "
                 f"train on"]
+    buckets = [t for t, n in o.epoch_counts.items() if n > 0] if o.routing == "epoch" and o.epoch_counts else o.routes
+    if o.routing in ("step", "epoch") and (empty := sorted(t for t in buckets if t not in tasks)):
+        return [f"opd.routing = {o.routing!r} draws each step from one route's prompts: routed task(s) {empty} have "
+                f"no prompts in data.prompts (tasks: {tasks})"]
     return []

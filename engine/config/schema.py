@@ -11,19 +11,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from engine.config.checks import choice, finite, need, need_num
+from engine.config.checks import choice, finite, need, need_num, need_seed
 from engine.config.eval_schema import TrackingConfig, ValidationConfig
+from engine.config.opd import FIELD_EVALUATORS, LOSSES, QUERY_BIAS, ROUTINGS, OPDConfig  # noqa: F401 (re-exported)
 from engine.config.rl_schema import RLConfig
 
-LOSSES = ("mse", "gkd", "kl_only")  # the built-in losses (engine/opd/losses.py registers them and any others)
-ROUTINGS = ("task", "step", "epoch")
-QUERY_BIAS = ("uniform", "low", "mid", "high")
 SAMPLERS = ("sde", "ode")
 MERGES = ("none", "average", "svd")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 ATTENTION = ("reference", "fused")
-ATTENTION_BACKENDS = ("sdpa", "flash", "xformers")
-FIELD_EVALUATORS = ("reference", "batched")
+ATTENTION_BACKENDS = ("auto", "sdpa", "sdpa-cudnn", "sdpa-flash", "sdpa-efficient", "sdpa-math", "flash", "xformers")
+COMPILE = ("none", "blocks")
 LORA_INITS = ("gaussian", "default", "zeros")
 RESERVED_NAMES = ("base", "student")
 
@@ -39,17 +37,22 @@ class ModelConfig:
     init_seed: int = 0
     """Seed of the random init of a preset model (ignored when loading `path`)."""
     dtype: str = "auto"
-    """Parameter/compute dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16."""
+    """Parameter/compute dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16 (CUDA only:
+    DeepSpeed fp16, loss scaling, fp32 master LoRA; for kl_only / rkl_pg its log-prob error is ~7x below bf16's,
+    docs/fidelity.md)."""
     latent_size: int = 0
     """Latent height = width; 0 = the preset's default (SD3: pixel size / 8, e.g. 64 at 512 px)."""
     attention: str = "reference"
     """Joint-attention implementation: reference (diffusers + peft) or fused (LoRA-fused processor)."""
     attention_backend: str = "sdpa"
-    """Attention kernel of the fused processor: sdpa, flash (flash-attn), xformers; falls back to sdpa."""
+    """sdpa (torch's SDPA order), auto (cuDNN > flash > efficient > math on Hopper), an SDPA kernel (sdpa-cudnn, -flash,
+    -efficient, -math), flash (flash-attn), xformers (fused only); one that cannot run falls back to sdpa (logged)."""
+    compile: str = "none"
+    """none, or blocks: torch.compile each transformer block (regional: one graph per block, shared by all of them)."""
     gradient_checkpointing: bool = False
     """Recompute transformer blocks in the student's backward to save activation memory."""
     family: str = "sd3"
-    """Model family (engine/backends): sd3 (SD3 / SD3.5 MMDiT)."""
+    """Model family (engine/backends): sd3 (SD3 / SD3.5 MMDiT), zimage (Z-Image: text-to-image and edit rows)."""
 
     def problems(self) -> list[str]:
         """Impossible values of [model] that do not depend on the family."""
@@ -57,8 +60,10 @@ class ModelConfig:
         choice(p, "model.dtype", self.dtype, DTYPES)
         choice(p, "model.attention", self.attention, ATTENTION)
         choice(p, "model.attention_backend", self.attention_backend, ATTENTION_BACKENDS)
+        choice(p, "model.compile", self.compile, COMPILE)
         need(p, "model.latent_size", self.latent_size, self.latent_size >= 0 and self.latent_size % 2 == 0,
              "must be 0 (preset default) or a positive even number")
+        need_seed(p, "model.init_seed", self.init_seed)
         return p
 
 
@@ -110,6 +115,7 @@ class TeacherConfig:
         if bool(self.path) == (self.random_seed >= 0):
             p.append(f"{where} ({self.name}): set exactly one of `path` or `random_seed`")
         need(p, f"{where}.rank", self.rank, self.rank > 0, "must be > 0")
+        need_seed(p, f"{where}.random_seed", self.random_seed, off=-1)
         need_num(p, f"{where}.alpha", self.alpha, self.alpha >= 0, "must be >= 0 (0 = from the file)")
         return p
 
@@ -122,7 +128,7 @@ class FieldConfig:
     source: str = "base"
     """`base` (adapters disabled) or a teacher name."""
     cfg_scale: float = 1.0
-    """Guidance scale of the field's CFG operator v_u + g (v_c - v_u); 1.0 = plain conditional velocity."""
+    """Guidance scale g of the CFG operator v_u + g (v_c - v_u); 1.0 = plain v_c. Z-Image's guidance_scale is g - 1."""
     operator: str = "cfg"
     """How the field's conditional and unconditional velocities combine when cfg_scale != 1 (engine/fields/field.py
     OPERATORS): cfg = v_u + g (v_c - v_u)."""
@@ -151,6 +157,10 @@ class InitConfig:
     """Merge weights per teacher; empty = 1/K each."""
     adapter: str = ""
     """Initialise the student from this adapter (PEFT dir or diffusers file) instead, e.g. an SFT result."""
+    warm_start: bool = False
+    """DanceOPD's warm start: the cold start (`merge` or `adapter`) goes into the student's base instead of its
+    LoRA (a frozen adapter always active under the student; the teachers and the base field keep the clean base)
+    and the student LoRA starts fresh (B = 0). The export folds both into one adapter."""
 
     def problems(self, teachers: list[TeacherConfig], student: StudentConfig) -> list[str]:
         """Impossible values of [init] given the teachers and the student."""
@@ -169,6 +179,8 @@ class InitConfig:
             finite(p, f"init.weights[{i}]", w)
         if self.merge != "none" and self.adapter:
             p.append("init: set either `merge` or `adapter`, not both")
+        if self.warm_start and self.merge == "none" and not self.adapter:
+            p.append("init.warm_start = true needs a cold start to merge into the base: init.merge or init.adapter")
         if self.merge == "average":  # loaded teachers' ranks are checked when they are loaded
             merged = [t for t in teachers if t.random_seed >= 0 and (not self.teachers or t.name in self.teachers)]
             off = [f"{t.name} (rank {t.rank})" for t in merged if t.rank != student.rank]
@@ -182,13 +194,18 @@ class InitConfig:
 class DataConfig:
     """[data]: prompts, text encoder, prompt cache, task weights."""
     prompts: str = "builtin:tiny"
-    """Prompt set: `builtin:<name>` (the engine's `tiny`, or a miniature world's set, e.g. `builtin:toy`) or a
-    .jsonl ({"prompt": ..., "task": ...}) / .txt (`[task] text`) file."""
+    """Prompt set: `builtin:<name>` (the engine's `tiny`, or a miniature world's set, e.g. `builtin:toy`), a .csv
+    with DanceOPD's columns `task,prompt,source_image,target_image` (image paths relative to the file), or a
+    .jsonl ({"prompt": ..., "task": ..., optionally "source_image", "target_image"}) / .txt (`[task] text`) file. A
+    row with a source_image is an edit row (the image conditions it; model.family = "zimage")."""
     encoder: str = "builtin"
     """Text encoder: builtin (deterministic hash encoder), a miniature world's encoder by the world's name (e.g.
-    toy), or a local pipeline dir of the model family (SD3: its CLIP-L, CLIP-G and T5 encoders)."""
+    toy), or a local pipeline dir of the family (SD3: CLIP-L, CLIP-G, T5; Z-Image: Qwen, and VAE + SigLIP for edits)."""
     cache: str = ""
     """Prompt-embedding cache (safetensors); empty = `<output_dir>/prompt_cache.safetensors`."""
+    image_cache: str = ""
+    """Source-image cache dir of edit rows (one safetensors file per image, keyed by its sha256 and the image
+    encoder; engine/data/images.py); empty = `<output_dir>/image_cache`. Shared between runs and users safely."""
     max_sequence_length: int = 256
     """T5 tokens for the SD3 encoders (77 CLIP + this many T5 tokens per prompt)."""
     task_weights: dict[str, float] = field(default_factory=dict)
@@ -220,7 +237,7 @@ class RolloutConfig:
     noise_level: float = 0.7
     """SDE noise level a; s = a sqrt(sigma / (1 - sigma))."""
     cfg_scale: float = 1.0
-    """Guidance scale of the student's own rollout (Flow-OPD 4.5, DanceOPD 1.0 = unguided)."""
+    """Guidance of the student's own rollout (Flow-OPD 4.5, DanceOPD 1.0 = unguided; Z-Image's guidance_scale + 1)."""
     group_size: int = 1
     """Images per prompt."""
 
@@ -234,71 +251,6 @@ class RolloutConfig:
             p.append(f"rollout.noise_level = {self.noise_level}; must be > 0 for the sde sampler")
         need_num(p, "rollout.cfg_scale", self.cfg_scale, self.cfg_scale >= 0, "must be >= 0")
         need(p, "rollout.group_size", self.group_size, self.group_size >= 1, "must be >= 1")
-        return p
-
-
-@dataclass
-class OPDConfig:
-    """[opd]: loss, routing, anchor, query states, field evaluation."""
-    loss: str = "gkd"
-    """mse (DanceOPD velocity MSE), gkd (Flow-OPD transition KL), kl_only (Flow-OPD clipped-ratio objective)."""
-    routing: str = "task"
-    """task (hard per sample by task tag), step (one field per optimizer step, drawn by `weights`),
-    epoch (per-epoch alternation by dataset/task; `epoch_steps` steps each)."""
-    routes: dict[str, str] = field(default_factory=dict)
-    """task tag -> field name (routing task/epoch)."""
-    weights: dict[str, float] = field(default_factory=dict)
-    """field name -> sampling weight (routing step)."""
-    epoch_steps: int = 10
-    """Optimizer steps per epoch for routing = epoch."""
-    anchor: str = ""
-    """Field of the MAR anchor term (e.g. the base); empty = no anchor."""
-    beta: float = 0.04
-    """Weight of the anchor term."""
-    query_states: int = 0
-    """States per sample that the student is trained on: 0 = dense (every state but the last), else k."""
-    query_bias: str = "uniform"
-    """Where k states are drawn over the high->low-noise order: uniform, low (Beta(5,2), DanceOPD),
-    mid (Beta(3,3)), high (Beta(2,5))."""
-    student_cfg: float = 1.0
-    """Guidance applied to the student's velocity in the loss (Flow-OPD: both sides guided, 4.5)."""
-    clip_range: float = 1e-4
-    """PPO ratio clip of kl_only."""
-    adv_clip: float = 5.0
-    """Advantage clamp of kl_only: A = clamp(-kl, -adv_clip, adv_clip)."""
-    evaluator: str = "reference"
-    """Field evaluation: reference (one forward per field, peft adapters switched) or batched (one forward)."""
-
-    def problems(self, fields: list[str], rollout: RolloutConfig) -> list[str]:
-        """Impossible values of [opd] given the field names and the rollout."""
-        p: list[str] = []  # opd.loss names are checked against the loss registry (engine.config.load.validate)
-        choice(p, "opd.routing", self.routing, ROUTINGS)
-        choice(p, "opd.query_bias", self.query_bias, QUERY_BIAS)
-        choice(p, "opd.evaluator", self.evaluator, FIELD_EVALUATORS)
-        for task, name in self.routes.items():
-            if name not in fields:
-                p.append(f"opd.routes.{task} = {name!r}: unknown field; valid: {', '.join(fields) or '(none)'}")
-        for name, w in self.weights.items():
-            if name not in fields:
-                p.append(f"opd.weights.{name}: unknown field; valid: {', '.join(fields) or '(none)'}")
-            need_num(p, f"opd.weights.{name}", w, w >= 0, "must be >= 0")
-        if self.routing in ("task", "epoch") and not self.routes:
-            p.append(f"opd.routing = {self.routing!r} needs opd.routes (task -> field)")
-        if self.routing == "step" and (not self.weights or sum(self.weights.values()) <= 0):
-            p.append("opd.routing = 'step' needs opd.weights with a positive sum")
-        need(p, "opd.epoch_steps", self.epoch_steps, self.epoch_steps >= 1, "must be >= 1")
-        if self.anchor and self.anchor not in fields:
-            p.append(f"opd.anchor = {self.anchor!r}: unknown field; valid: {', '.join(fields) or '(none)'}")
-        need_num(p, "opd.beta", self.beta, self.beta >= 0, "must be >= 0")
-        top = max(rollout.steps - 1, 1)
-        need(p, "opd.query_states", self.query_states, 0 <= self.query_states <= top, f"must be 0 (dense) or 1..{top}")
-        need_num(p, "opd.student_cfg", self.student_cfg, self.student_cfg >= 0, "must be >= 0")
-        need_num(p, "opd.clip_range", self.clip_range, self.clip_range > 0, "must be > 0")
-        need_num(p, "opd.adv_clip", self.adv_clip, self.adv_clip > 0, "must be > 0")
-        if self.loss == "kl_only" and rollout.sampler != "sde":
-            p.append("opd.loss = 'kl_only' needs rollout.sampler = 'sde' (it re-scores the rollout's log-probs)")
-        if self.loss in ("gkd", "kl_only") and rollout.noise_level <= 0:
-            p.append(f"opd.loss = {self.loss!r} needs rollout.noise_level > 0 (the KL divides by s^2)")
         return p
 
 
@@ -337,6 +289,21 @@ class TrainConfig:
     """Stop after this many consecutive steps with a non-finite loss or gradient (each is skipped)."""
     profile_steps: str = ""
     """`A:B`: bracket optimizer steps [A, B) with cudaProfilerStart/Stop for nsys --capture-range."""
+    phase_timing: bool = False
+    """Synchronise the GPU at every phase end so metrics.jsonl's time/<phase> are GPU seconds (one host sync per phase);
+    off: on CUDA time/<phase> is the host's issue time (step_s stays the step's wall time); on CPU both are equal."""
+    ema_decay: float = 0.0
+    """EMA of the student's LoRA weights (engine/ema.py), Flow-GRPO's rule: decay min((1 + n) / (10 + n),
+    ema_decay) after finished step n; 0 = off (Flow-OPD: 0.9). When on, export and the world's eval use it."""
+    ema_every: int = 8
+    """Apply the EMA update when (n + 1) % ema_every == 0 (Flow-OPD: 8)."""
+    ema_repeats: int = 1
+    """EMA moves per due step: Flow-OPD calls its EMA after every rollout micro-batch, i.e. A times per optimizer
+    step (ema = p + d^A (ema - p); A = 4 in its 8-GPU config: 8 micro-batches, 2 optimizer steps per epoch)."""
+    step_timeout: float = 0.0
+    """Seconds one optimizer step (with its checkpoint) may take on any rank before the job stops, naming the stuck
+    rank and its phase (engine/watchdog.py); 0 = auto: max(300, 10 x the median step time), 1800 until 3 steps are
+    timed; -1 = off."""
 
     def problems(self) -> list[str]:
         """Impossible values of [train]."""
@@ -353,6 +320,12 @@ class TrainConfig:
         need(p, "train.save_every", self.save_every, self.save_every >= 0, "must be >= 0")
         need(p, "train.keep_checkpoints", self.keep_checkpoints, self.keep_checkpoints >= 1, "must be >= 1")
         need(p, "train.max_nonfinite", self.max_nonfinite, self.max_nonfinite >= 1, "must be >= 1")
+        need_num(p, "train.ema_decay", self.ema_decay, 0 <= self.ema_decay < 1, "must be in [0, 1) (0 = off)")
+        need(p, "train.ema_every", self.ema_every, self.ema_every >= 1, "must be >= 1")
+        need(p, "train.ema_repeats", self.ema_repeats, self.ema_repeats >= 1, "must be >= 1")
+        need_seed(p, "train.seed", self.seed)
+        need_num(p, "train.step_timeout", self.step_timeout, self.step_timeout >= 0 or self.step_timeout == -1,
+                 "must be >= 0 (0 = auto) or -1 (off)")
         if self.profile_steps:
             try:
                 a, b = (int(x) for x in self.profile_steps.split(":"))
@@ -376,11 +349,17 @@ class KernelsConfig:
     graph and replayed (eager on CPU or when capture fails). SDE step noise then comes from the in-kernel Philox
     stream, still keyed by (seed, sample id, step); switching this in a run changes the SDE noise."""
 
+    lora_merge_rows: int = 0
+    """Batched evaluator: a frozen adapter's segment of >= this many token rows (images x tokens) runs as one GEMM with
+    W + s B A merged instead of base GEMM + segmented LoRA; 0 = never (docs/multi_lora.md: crossover ~1k at 512 px)."""
+
     def problems(self) -> list[str]:
-        """Unknown ops and backends in [kernels]."""
+        """Unknown ops and backends in [kernels], a negative merge threshold."""
         from engine.ops import problems
 
-        return problems(self.default, self.backends)
+        p = problems(self.default, self.backends)
+        need(p, "kernels.lora_merge_rows", self.lora_merge_rows, self.lora_merge_rows >= 0, "must be >= 0 (0 = off)")
+        return p
 
 
 @dataclass
@@ -414,6 +393,8 @@ class ReportConfig:
         need(p, "report.samples_per_prompt", self.samples_per_prompt, self.samples_per_prompt >= 1, "must be >= 1")
         if not self.seeds:
             p.append("report.seeds is empty")
+        for i, seed in enumerate(self.seeds):
+            need_seed(p, f"report.seeds[{i}]", seed)
         return p
 
 

@@ -1,6 +1,7 @@
 """Encode a prompt set once into the prompt-embedding cache the trainer reads.
 
-    python -m engine.data.encode --prompts data/train.jsonl --encoder /models/sd35m --out cache/train.safetensors
+    python -m engine.data.encode --prompts data/train.jsonl --encoder /models/sd35m --out cache/train.safetensors \
+        --dtype bfloat16
     # then train with --set data.cache=cache/train.safetensors
 
 `--encoder` is a local pipeline dir of the model family (`--family`, default sd3: CLIP-L + CLIP-G + T5-XXL; no hub
@@ -32,14 +33,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--preset", default="tiny", help="model preset for the builtin encoder")
     ap.add_argument("--max-sequence-length", type=int, default=256)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                    help="stored dtype: float32 serves every run; bfloat16 halves the file for bfloat16 runs")
     args = ap.parse_args(argv)
     prompts = load_prompts(args.prompts)
     backend = get_backend(args.family)
     encoder = build_text_encoder(args.encoder, backend, backend.preset_spec(args.preset), args.max_sequence_length,
                                  args.device)
     t0 = time.perf_counter()
-    emb = load_or_build(encoder, [p.text for p in prompts], args.out, backend.cond_type)
-    shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in emb.table.tensors().items())
+    emb = load_or_build(encoder, [p.text for p in prompts], args.out, backend.cond_type, getattr(torch, args.dtype))
+    shapes = ", ".join(f"{k} {shape}" for k, shape in emb.shapes.items())
     print(f"{len(emb.prompts)} prompts (incl. the empty prompt) -> {args.out}: {shapes}, "
           f"{time.perf_counter() - t0:.1f} s")
     return 0

@@ -3,7 +3,8 @@
 Global prompt slot c of (step, micro, rank, j) is `((step * accum + micro) * world + rank) * per_rank + j`;
 the prompt at slot c is `perm_e[c % n]` with a fresh seeded permutation per epoch e = c // n. So a step's
 prompts depend only on the step (resume needs no sampler state) and N ranks with P prompts each see exactly
-the prompts one rank with N*P would.
+the prompts one rank with N*P would. A route's bucket (engine/opd/routing.py) is drawn the same way on its own
+slot counter (the bucket's step count instead of the step), while sample ids stay the global slots.
 
 Task weights (`data.task_weights`) reshape the epoch instead of the draw: task t fills a share w_t / sum(w) of
 a virtual epoch, its prompts cycled in order to fill it (the miniature world has 42 compose, 74 text and 16
@@ -79,8 +80,15 @@ class PromptSampler:
             self._perm_cache[key] = torch.randperm(n, generator=rng.generator(self.seed, rng.DATA, pool_key, epoch))
         return self._perm_cache[key]
 
-    def batch(self, step: int, micro: int = 0, pool: Sequence[int] | None = None, pool_key: int = 0) -> Batch:
-        """This rank's images for (step, micro); `pool` restricts the draw to those prompt indices."""
+    def _slot(self, step: int, micro: int) -> int:
+        """The first global prompt slot of this rank's share of (step, micro)."""
+        return ((step * self.accum + micro) * self.world + self.rank) * self.per_rank
+
+    def batch(self, step: int, micro: int = 0, pool: Sequence[int] | None = None, pool_key: int = 0,
+              pool_step: int | None = None) -> Batch:
+        """This rank's images for (step, micro); `pool` restricts the draw to those prompt indices (a route's
+        bucket) and `pool_step` (default: `step`) is the step's index among the steps drawing from that pool, so a
+        bucket's slots run on its own counter however rarely it is drawn."""
         if pool is not None:
             candidates = list(pool)
         else:
@@ -88,14 +96,16 @@ class PromptSampler:
         if not candidates:
             raise ValueError("empty prompt pool")
         n = len(candidates)
-        first = ((step * self.accum + micro) * self.world + self.rank) * self.per_rank
+        first = self._slot(step, micro)
+        first_in_pool = first if pool_step is None else self._slot(pool_step, micro)
         prompt_ids, sample_ids = [], []
         for j in range(self.per_rank):
-            c = first + j
+            c = first_in_pool + j
             pid = candidates[int(self._perm(pool_key, c // n, n)[c % n])]
             for g in range(self.group_size):
                 prompt_ids.append(pid)
-                sample_ids.append(c * self.group_size + g)
+                # sample ids (noise and query keys) stay global slots: unique over the run whatever the pool
+                sample_ids.append((first + j) * self.group_size + g)
         return Batch(
             prompt_ids=prompt_ids,
             sample_ids=sample_ids,

@@ -49,13 +49,12 @@ class EvalCallbacks:
         if c.validation.every > 0:
             from contextlib import nullcontext
 
-            from engine.adapters.export import export_adapter
-            from engine.adapters.lora import STUDENT
             from engine.distributed import dist_timeout
             from engine.eval.validation import Validation
+            from engine.student import export_student
 
-            def export_best(path: Path) -> Any:
-                return export_adapter(trainer.model, path, trainer.backend, STUDENT)
+            def export_best(path: Path) -> Any:  # the trainer's callbacks run under its EMA weights when on
+                return export_student(trainer.model, path, trainer.backend)
 
             self.callbacks.append(Validation(c, trainer.backend, trainer.spec, trainer.device, trainer.start_step,
                                              self.trackers, export_best, weights or nullcontext,

@@ -17,10 +17,8 @@ import torch
 from engine.backends.base import TensorCond
 from engine.backends.decode import Decoder
 from engine.ops import ode_step
-from engine.rng import generator
+from engine.rng import EVAL, generator
 from engine.sampling.schedule import flow_match_sigmas
-
-EVAL = 6  # engine.rng purpose of evaluation noise (1-5 are training's: data, route, noise, query, init)
 
 Velocity = Callable[[torch.Tensor, torch.Tensor, TensorCond], torch.Tensor]
 """(x [B, ...], sigma [B], cond) -> velocity, with whatever adapter and guidance the caller applies."""

@@ -7,7 +7,8 @@ rows.py). The segmented multi-LoRA evaluator (engine/fields/batched.py) evaluate
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
 from typing import Protocol
 
 import torch
@@ -17,6 +18,7 @@ from engine.backends.base import TensorCond
 from engine.fields.field import Field
 from engine.fields.rows import MAX_RUNS, _runs, plan_rows, take
 from engine.profiling import nvtx_range
+from engine.transfer import device_ints
 
 Velocity = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, TensorCond], torch.Tensor]
 """The model family's v(model, x, sigma, cond) (`ModelBackend.velocity`)."""
@@ -41,14 +43,18 @@ class FieldEvaluator(Protocol):
 
 
 class PeftFieldEvaluator:
-    """Reference evaluation of field velocities: one forward per field, adapters switched in turn."""
+    """Reference evaluation of field velocities: one forward per field, adapters switched in turn. `models` maps a
+    field's adapter name to a model of its own (a full-checkpoint teacher, engine/student.py), evaluated in its own
+    forward instead of as an adapter of the shared base."""
 
-    def __init__(self, model: torch.nn.Module, velocity: Velocity, fields: Sequence[Field], uncond: TensorCond):
+    def __init__(self, model: torch.nn.Module, velocity: Velocity, fields: Sequence[Field], uncond: TensorCond,
+                 models: Mapping[str, torch.nn.Module] | None = None):
         self.model = model
         self.velocity = velocity
         self.fields = {f.name: f for f in fields}
         self.uncond = uncond
         self.switch = AdapterSwitch(model)
+        self.models = dict(models or {})
 
     def field(self, name: str) -> Field:
         """The field called `name`; KeyError listing the defined ones."""
@@ -58,12 +64,15 @@ class PeftFieldEvaluator:
 
     def field_velocity(self, field: Field, x: torch.Tensor, sigma: torch.Tensor, cond: TensorCond) -> torch.Tensor:
         """Velocity of one field on all rows of `x`: the row plan's [uncond; cond] forward when guided."""
-        with nvtx_range(f"field:{field.name}/{field.adapter or 'base'}", "orange"), self.switch.use(field.adapter):
+        own = self.models.get(field.adapter) if field.adapter is not None else None
+        model = own if own is not None else self.model
+        switch = nullcontext() if own is not None else self.switch.use(field.adapter)
+        with nvtx_range(f"field:{field.name}/{field.adapter or 'base'}", "orange"), switch:
             if not field.guided:
-                return self.velocity(self.model, x, sigma, cond)
+                return self.velocity(model, x, sigma, cond)
             per_row = [field] * x.shape[0]
             plan = plan_rows(per_row)
-            v = self.velocity(self.model, *plan.inputs(x, sigma, cond, self.uncond))
+            v = self.velocity(model, *plan.inputs(x, sigma, cond, self.uncond))
             ((_, out),) = plan.combine(v, per_row)
             return out
 
@@ -85,10 +94,11 @@ class PeftFieldEvaluator:
 
 
 def scatter(out: torch.Tensor, idx: Sequence[int], v: torch.Tensor) -> None:
-    """out[idx] = v, by slices where `idx` is a few contiguous runs (no host-to-device index copy)."""
+    """out[idx] = v, by slices where `idx` is a few contiguous runs, else through a cached device index (no
+    host-to-device copy per call)."""
     runs = _runs(idx)
     if len(runs) > MAX_RUNS:
-        out[torch.tensor(list(idx), device=out.device)] = v
+        out[device_ints(idx, out.device)] = v
         return
     pos = 0
     for a, b in runs:

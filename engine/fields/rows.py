@@ -7,7 +7,8 @@ per adapter, slots nondecreasing); inside a slot the unconditional twins of the 
 the conditional rows, each in query order. For one field on n rows that is `[uncond(n); cond(n)]`. A twin's
 conditioning is `cond.uncond_twin(uncond)` (the backend's rule: SD3 drops the whole row's prompt, an edit keeps its
 source image). Gathers are slices and concatenations of contiguous runs where possible (no host-to-device index
-copy: the plans of one field, or of rows sorted by field, are a few runs).
+copy: the plans of one field, or of rows sorted by field, are a few runs); other index lists are copied to the
+device once and reused (`engine.transfer.device_ints`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 
 from engine.backends.base import TensorCond
 from engine.fields.field import Field, get_operator
+from engine.transfer import device_ints
 
 T = TypeVar("T", torch.Tensor, TensorCond)
 MAX_RUNS = 8  # more runs than this: one index gather beats many slices + a cat
@@ -46,7 +48,7 @@ def take(t: T, idx: Sequence[int]) -> T:
         parts = [t[a:b] for a, b in runs]
         return type(t).cat(parts) if isinstance(t, TensorCond) else torch.cat(parts)
     device = next(iter(t.tensors().values())).device if isinstance(t, TensorCond) else t.device
-    return t[torch.tensor(list(idx), device=device)]
+    return t[device_ints(idx, device)]
 
 
 @dataclass(frozen=True)

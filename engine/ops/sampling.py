@@ -63,8 +63,9 @@ def sde_noise_std(
     `sigma_1` is the schedule's second sigma (0.960 for 10 steps at shift 3): at sigma = 1 the ratio would
     divide by zero, so Flow-GRPO changes only the denominator there; the numerator stays sigma.
     """
-    sigma_1 = torch.as_tensor(sigma_1, dtype=sigma.dtype, device=sigma.device)
-    denom = 1 - torch.where(sigma == 1, sigma_1, sigma)
+    if isinstance(sigma_1, torch.Tensor):
+        sigma_1 = sigma_1.to(sigma.dtype)
+    denom = 1 - torch.where(sigma == 1, sigma_1, sigma)  # a float sigma_1 stays a scalar: no host->device copy
     return noise_level * torch.sqrt(sigma / denom)
 
 

@@ -25,6 +25,7 @@ from contextlib import AbstractContextManager
 import torch
 
 from engine import rng
+from engine.backends.base import TensorCond
 from engine.config.rl_schema import RLConfig
 from engine.config.schema import RolloutConfig
 from engine.fields.evaluator import FieldEvaluator
@@ -35,6 +36,7 @@ from engine.ops import sde_step
 from engine.rl.advantages import group_advantages, kept
 from engine.rl.grpo import grpo_loss
 from engine.rl.rewards import RewardModel
+from engine.sampling.rollout import Rollout, Trajectory
 
 PhaseRange = Callable[[str, str], AbstractContextManager]
 Gather = Callable[[torch.Tensor], torch.Tensor]
@@ -76,6 +78,11 @@ class GRPOObjective:
         start = self.window_start(step)
         return range(start, start + self.chunks)
 
+    def states(self, student_rollout: Rollout, cond: TensorCond, sample_ids: Sequence[int], routes: list[str],
+               step: int) -> Trajectory:
+        """The student's rollout, SDE on the step's window only (the "Fast" variant; everywhere without one)."""
+        return student_rollout(cond, sample_ids, self.sigmas, self.sde_steps(step))
+
     def prepare(self, step: int, micros: list[MicroBatch]) -> dict[str, float]:
         """Reward every final image, normalise per prompt group over the step (all ranks), attach advantages."""
         with self.phase("rewards", "yellow"):
@@ -115,8 +122,8 @@ class GRPOObjective:
         idx = torch.arange(start, start + self.chunks, device=self.sigmas.device)
         return idx.expand(len(micro.sample_ids), -1)
 
-    def chunk(self, micro: MicroBatch, queries: torch.Tensor, j: int,
-              backward: Callable[[torch.Tensor], None]) -> ChunkResult:
+    def chunk(self, micro: MicroBatch, queries: torch.Tensor, j: int, backward: Callable[[torch.Tensor], None],
+              step: int) -> ChunkResult:
         """The clipped policy loss (+ beta KL) on training state `j` of every sample, then `backward`."""
         idx = queries[:, j]
         ar = torch.arange(queries.shape[0], device=queries.device)
@@ -129,20 +136,20 @@ class GRPOObjective:
         with self.phase("student", "red"):
             with self.phase("student/forward", "red"):
                 v = self.evaluator.field_velocity(self.student, tr.x, tr.sigma, micro.cond)
-                step = sde_step(tr.x, v, tr.sigma, tr.sigma_next, tr.sigma_1, tr.noise_level, prev_sample=tr.x_next)
+                move = sde_step(tr.x, v, tr.sigma, tr.sigma_next, tr.sigma_1, tr.noise_level, prev_sample=tr.x_next)
                 if self.cfg.beta > 0:
                     with self.phase("fields", "orange"), torch.no_grad():
                         v_ref = self.evaluator.field_velocity(self.reference, tr.x, tr.sigma, micro.cond)
                         mu_ref = sde_step(tr.x, v_ref, tr.sigma, tr.sigma_next, tr.sigma_1, tr.noise_level,
                                           prev_sample=tr.x_next).mean.float()
                     rows, target_ok = [self.reference.name] * len(ar), torch.isfinite(v_ref.flatten(1)).all(1)
-                    sq = ((step.mean.float() - mu_ref) ** 2).mean(dim=tuple(range(1, mu_ref.ndim)))
-                    kl = sq / (2 * step.std**2)
-                terms = grpo_loss(step.log_prob, tr.logp_old, micro.extra["advantages"], micro.extra["keep"],
+                    sq = ((move.mean.float() - mu_ref) ** 2).mean(dim=tuple(range(1, mu_ref.ndim)))
+                    kl = sq / (2 * move.std**2)
+                terms = grpo_loss(move.log_prob, tr.logp_old, micro.extra["advantages"], micro.extra["keep"],
                                   clip_range=self.cfg.clip_range, adv_clip=self.cfg.adv_clip, kl=kl,
                                   beta=self.cfg.beta, normalizer=micro.extra["normalizer"])
             student_ok = torch.isfinite(v.detach().flatten(1)).all(1)
             with self.phase("student/backward", "red"):
                 backward(terms.loss)
-        out = LossOutput(loss=terms.loss, per_sample=step.log_prob.detach(), terms=terms.terms)
+        out = LossOutput(loss=terms.loss, per_sample=move.log_prob.detach(), terms=terms.terms)
         return ChunkResult(out, rows, target_ok, student_ok, {})

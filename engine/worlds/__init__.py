@@ -2,8 +2,9 @@
 and core code reaches it only through this registry, by the name a config uses:
 
 - `<world>:<rel>` config paths (`model.path = "toy:base"`) -> `World.resolve(rel)`;
-- `data.prompts = "builtin:<world>"` -> `World.train_prompts()`;
-- `data.encoder = "<world>"` -> `World.encoder()`;
+- `data.prompts = "builtin:<world>"` -> `World.train_prompts()` (`[task] text` lines, or a prompt file of the
+  world's own, e.g. edit rows with their source images);
+- `data.encoder = "<world>"` -> `World.encoder()` (and `World.image_encoder()` for edit rows' source images);
 - `report.world = "<world>"` -> `World.config_problems`, `World.callbacks` (reward curves), `World.write_report`.
 
 Built-in worlds are imported on first use (one line each in `_BUILTIN`); others call `register_world`.
@@ -17,11 +18,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from engine.backends.base import TextEncoder
+    from engine.backends.base import ImageEncoder, TextEncoder
     from engine.config.schema import Config
 
 _BUILTIN: dict[str, str] = {
     "toy": "engine.worlds.toy",
+    "toy_edit": "engine.worlds.toy_edit",
 }
 _REGISTRY: dict[str, World] = {}
 
@@ -35,12 +37,18 @@ class World(Protocol):
         """The shipped file `<name>:<rel>` names."""
         ...
 
-    def train_prompts(self) -> list[str]:
-        """The training prompt set (`[task] text` lines) of `data.prompts = "builtin:<name>"`."""
+    def train_prompts(self) -> list[str] | Path:
+        """The training prompt set of `data.prompts = "builtin:<name>"`: `[task] text` lines, or a prompt file
+        (.csv / .jsonl, read like a user's: e.g. edit rows with their source images)."""
         ...
 
     def encoder(self) -> TextEncoder:
         """The world's text encoder (`data.encoder = "<name>"`)."""
+        ...
+
+    def image_encoder(self) -> ImageEncoder:
+        """The world's source-image encoder for edit rows (`data.encoder = "<name>"`); ValueError when the world has
+        no edit rows."""
         ...
 
     def config_problems(self, config: Config) -> list[str]:

@@ -12,7 +12,8 @@ same function as:
    (read W, write W_eff: 2 x 14 MB, ~10 us at 3 TB/s) is the main extra cost over a plain QKV GEMM;
 2. the per-head QK RMSNorm as one Triton kernel per stream that reads the projection once and writes q, k,
    v straight into the joint [B, S_img + S_txt, H, D] buffers (`kernels/qk_rmsnorm.py`);
-3. attention through a backend switch: PyTorch SDPA (default), flash-attn or xformers when importable;
+3. attention through a backend switch (engine/backends/sd3/sdpa.py): PyTorch SDPA with torch's or our kernel
+   order (`auto`: cuDNN first on Hopper), one SDPA kernel, flash-attn or xformers when importable;
 4. the output projections through the same LoRA-folded linear (one GEMM each).
 
 Which adapters are active follows peft's per-layer state at call time (`_active_adapter`,
@@ -42,7 +43,7 @@ from peft.tuners.lora import Linear as LoraLinear
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from engine import ops
-from engine.backends.sd3.sdpa import ATTENTION_BACKENDS, attention_bshd, warn_once
+from engine.backends.sd3.sdpa import ATTENTION_BACKENDS, SDPA_CHOICES, attention_bshd, sdpa_context, warn_once
 
 log = logging.getLogger(__name__)
 
@@ -370,7 +371,8 @@ class FusedJointAttnProcessor:
         plan = _plan_call(attn, hidden_states, encoder_hidden_states, attention_mask)
         if isinstance(plan, str):
             warn_once(f"{plan}: using diffusers' JointAttnProcessor2_0")
-            return self.reference(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
+            with sdpa_context(self.backend if self.backend in SDPA_CHOICES else "sdpa", hidden_states):
+                return self.reference(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
         batch, s_img = hidden_states.shape[:2]
         inputs = [hidden_states] if encoder_hidden_states is None else [hidden_states, encoder_hidden_states]
         ys = [_project(attn, f"qkv{s}", plan.bases[s], plan.terms[s], x) for s, x in enumerate(inputs)]
@@ -395,14 +397,29 @@ class FusedJointAttnProcessor:
         return img, txt
 
 
+class KernelChoiceProcessor(JointAttnProcessor2_0):
+    """diffusers' `JointAttnProcessor2_0` (the reference) with its SDPA call restricted to the kernels of an SDPA
+    backend (`auto`, `sdpa-cudnn`, ...): the same function, another attention kernel."""
+
+    def __init__(self, backend: str):
+        super().__init__()
+        if backend not in SDPA_CHOICES:
+            raise ValueError(f"the reference processor runs SDPA only: backend {backend!r}; valid: {SDPA_CHOICES}")
+        self.backend = backend
+
+    def __call__(self, attn: Attention, hidden_states: torch.Tensor, *args, **kwargs) -> Any:
+        """diffusers' processor call under `sdpa_context(backend)`."""
+        with sdpa_context(self.backend, hidden_states):
+            return super().__call__(attn, hidden_states, *args, **kwargs)
+
+
 # ------------------------------------------------------------------------------------- install
+
+_PROCESSORS = (JointAttnProcessor2_0, KernelChoiceProcessor, FusedJointAttnProcessor)
 
 
 def _joint_attention_modules(model: torch.nn.Module) -> list[Attention]:
-    return [
-        m for m in model.modules()
-        if isinstance(m, Attention) and type(m.processor) in (JointAttnProcessor2_0, FusedJointAttnProcessor)
-    ]  # fmt: skip
+    return [m for m in model.modules() if isinstance(m, Attention) and type(m.processor) in _PROCESSORS]
 
 
 def install_fused_attention(model: torch.nn.Module, backend: str = "sdpa") -> int:
@@ -429,10 +446,17 @@ def invalidate_fused_attention_cache(model: torch.nn.Module) -> None:
         m.__dict__.pop(_CACHE_ATTR, None)
 
 
-def _install_reference(model: torch.nn.Module, backend: str = "sdpa") -> int:
-    if backend != "sdpa":
-        warn_once(f"the reference processor always uses SDPA (asked for {backend!r})")
-    return uninstall_fused_attention(model)
+def install_reference(model: torch.nn.Module, backend: str = "sdpa") -> int:
+    """diffusers' processor on every joint attention; with an SDPA backend other than `sdpa` (auto, sdpa-cudnn, ...)
+    its SDPA call runs under that kernel choice (`KernelChoiceProcessor`). Returns how many modules."""
+    n = uninstall_fused_attention(model)
+    if backend in SDPA_CHOICES and backend != "sdpa":
+        proc = KernelChoiceProcessor(backend)
+        for m in _joint_attention_modules(model):
+            m.set_processor(proc)
+    elif backend != "sdpa":
+        warn_once(f"the reference processor runs SDPA only (asked for {backend!r}): using sdpa")
+    return n
 
 
 def install_attention(model: torch.nn.Module, backend: str = "sdpa") -> int:
@@ -440,5 +464,5 @@ def install_attention(model: torch.nn.Module, backend: str = "sdpa") -> int:
     environment asks for it: FLOWOPD_BACKEND_JOINT_ATTENTION=torch (or FLOWOPD_BACKEND=torch). The choice is not a
     kernel op of engine.ops (the fused processor runs on every device), only its documented switch is shared."""
     if ops.env_request("joint_attention") == "torch":
-        return _install_reference(model, backend)
+        return install_reference(model, backend)
     return install_fused_attention(model, backend)

@@ -37,7 +37,13 @@ def sigma_to_timestep(sigma: torch.Tensor) -> torch.Tensor:
 
 
 def predict_velocity(model: torch.nn.Module, x: torch.Tensor, sigma: torch.Tensor, cond: SD3Cond) -> torch.Tensor:
-    """v(x, sigma | cond) of the transformer with whatever adapter is active; sigma is [B] (or scalar)."""
+    """v(x, sigma | cond) of the transformer with whatever adapter is active; sigma is [B] (or scalar).
+
+    The timestep stays float32 whatever the model dtype, as StableDiffusion3Pipeline passes the scheduler's
+    timesteps: diffusers' `Timesteps` projection runs in float32 and casts only its sinusoidal output to the
+    weights' dtype. A bf16 timestep would move 913.35 (sigma 0.913 of the 10-step shift-3 schedule) to 912 and
+    the embedding by up to 41% (DESIGN §1); the experts were trained with float32 t.
+    """
     sigma = torch.as_tensor(sigma, device=x.device, dtype=torch.float32)
     if sigma.ndim == 0:
         sigma = sigma.expand(x.shape[0])
@@ -46,7 +52,7 @@ def predict_velocity(model: torch.nn.Module, x: torch.Tensor, sigma: torch.Tenso
         hidden_states=x.to(dtype),
         encoder_hidden_states=cond.prompt_embeds.to(dtype),
         pooled_projections=cond.pooled.to(dtype),
-        timestep=sigma_to_timestep(sigma).to(dtype),
+        timestep=sigma_to_timestep(sigma),
         return_dict=False,
     )[0]
     return out
@@ -66,6 +72,56 @@ def _latent_fits(latent_size: int, transformer: Mapping[str, Any], what: str) ->
     if latent_size and limit and latent_size > limit:
         return [f"model.latent_size = {latent_size}; {what} supports at most {limit} (pos_embed_max_size x patch_size)"]
     return []
+
+
+def _encoder_widths(config: Config) -> tuple[int, int, str] | str:
+    """(prompt embedding width, pooled width, what) of `data.encoder` without loading encoder weights, or a problem.
+    `builtin` is sized from the preset, so it always fits one."""
+    from engine.backends.sd3.encoders import SD3TextEncoder
+    from engine.config.io import resolve_path
+    from engine.worlds import find_world
+
+    spec = config.data.encoder
+    if spec == "builtin":
+        if config.model.path:
+            return (f"data.encoder = 'builtin' fits only the model presets (its widths are the preset's); with "
+                    f"model.path = {config.model.path!r} set data.encoder to the model's pipeline dir or a world's "
+                    f"encoder")
+        return ""
+    world = find_world(spec)
+    if world is not None:  # a miniature world's encoder is small by design: encode the empty prompt for its shapes
+        try:
+            cond = world.encoder().encode([""])
+        except (OSError, ValueError, RuntimeError) as exc:
+            return f"data.encoder = {spec!r}: cannot load the world's text encoder: {exc}"
+        return int(cond.prompt_embeds.shape[-1]), int(cond.pooled.shape[-1]), f"the {spec!r} world's encoder"
+    if not resolve_path(spec).exists():
+        return ""  # reported by engine.config.preflight.check_paths
+    if not resolve_path(spec).is_dir():
+        return f"data.encoder = {spec!r}: not builtin, not a miniature world and not a local SD3 pipeline dir"
+    if config.data.max_sequence_length > 512:  # the pipeline could never sample a student trained on longer prompts
+        return (f"data.max_sequence_length = {config.data.max_sequence_length}; StableDiffusion3Pipeline refuses more "
+                f"than 512 T5 tokens (diffusers pipeline_stable_diffusion_3.py check_inputs)")
+    try:
+        enc = SD3TextEncoder(resolve_path(spec), config.data.max_sequence_length, device="cpu")
+    except (OSError, KeyError, ValueError) as exc:  # missing sub-dirs or configs; only config.json files are read
+        return f"data.encoder = {spec!r}: {exc}"
+    return enc.dim, enc.pooled_dim, f"the text encoders of {spec} (T5 d_model, CLIP-L + CLIP-G projection_dim)"
+
+
+def _encoder_problems(config: Config, transformer: Mapping[str, Any], where: str) -> list[str]:
+    """The text encoder's output widths must be the transformer's input widths (else: a bare matmul error at the
+    first forward)."""
+    widths = _encoder_widths(config)
+    if isinstance(widths, str):
+        return [widths] if widths else []
+    embed, pooled, what = widths
+    want = (int(transformer.get("joint_attention_dim", embed)), int(transformer.get("pooled_projection_dim", pooled)))
+    if (embed, pooled) == want:
+        return []
+    return [f"data.encoder = {config.data.encoder!r}: {what} gives prompt embeddings {embed} wide and pooled "
+            f"embeddings {pooled} wide; the model ({where}) takes joint_attention_dim = {want[0]}, "
+            f"pooled_projection_dim = {want[1]}"]
 
 
 class SD3Backend:
@@ -114,6 +170,7 @@ class SD3Backend:
         if transformer is None:
             return []
         problems = _latent_fits(config.model.latent_size, transformer, where) if config.model.path else []
+        problems += _encoder_problems(config, transformer, where)
         if not config.student.targets:
             return problems
         from diffusers import SD3Transformer2DModel
@@ -123,11 +180,22 @@ class SD3Backend:
                 model = SD3Transformer2DModel(**transformer)
         except (TypeError, ValueError) as exc:
             return [*problems, f"model: cannot build the transformer from its config: {exc}"]
-        linear = [n for n, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)]
-        missing = [t for t in config.student.targets if not any(n == t or n.endswith("." + t) for n in linear)]
+        linear = {n: mod for n, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)}
+        def hit(name: str, target: str) -> bool:
+            return name == target or name.endswith("." + target)
+
+        targeted = [mod for n, mod in linear.items() if any(hit(n, t) for t in config.student.targets)]
+        missing = [t for t in config.student.targets if not any(hit(n, t) for n in linear)]
         if missing:
             problems.append(f"student.targets: {missing} match no Linear layer of the model (e.g. to_q, to_k, to_v, "
                             f"to_out.0, add_q_proj, add_k_proj, add_v_proj, to_add_out, ff.net.0.proj)")
+        if targeted:  # B A has rank <= min(in, out): a larger rank only adds parameters (and a typo'd huge one OOMs)
+            top = max(min(m.in_features, m.out_features) for m in targeted)
+            for where_rank, rank in [("student.rank", config.student.rank)] + [
+                    (f"teachers[{i}].rank", t.rank) for i, t in enumerate(config.teachers) if t.random_seed >= 0]:
+                if rank > top:
+                    problems.append(f"{where_rank} = {rank}; must be <= {top}, the widest targeted layer's "
+                                    f"min(in, out) features (a LoRA B A cannot have a higher rank)")
         return problems
 
     def preset_spec(self, preset: str, latent_size: int = 0) -> ModelSpec:
@@ -153,6 +221,12 @@ class SD3Backend:
         model = load_transformer(path, dtype)
         return model, spec_of(preset_from_model(model, text_tokens, latent_size or None))
 
+    def sigmas(self, steps: int, shift: float) -> torch.Tensor:
+        """FlowMatchEulerDiscreteScheduler(shift)'s sigmas (engine.sampling.schedule, bit-identical to diffusers)."""
+        from engine.sampling.schedule import flow_match_sigmas
+
+        return flow_match_sigmas(steps, shift)
+
     def velocity(self, model: torch.nn.Module, x: torch.Tensor, sigma: torch.Tensor,
                  cond: SD3Cond) -> torch.Tensor:  # type: ignore[override]
         """v(x, sigma | cond): the transformer at timestep 1000 sigma."""
@@ -173,6 +247,14 @@ class SD3Backend:
             raise ValueError(f"data.encoder = {spec!r}: not builtin and not a local SD3 pipeline dir")
         return SD3TextEncoder(spec, max_sequence_length, device)
 
+    def image_encoder(self, spec: str, model_spec: ModelSpec, device: str | None = None) -> Any:
+        """SD3 has no edit conditioning: ValueError."""
+        raise ValueError(f"model.family = {self.family!r} has no edit conditioning (no source images); use zimage")
+
+    def source_image_problem(self, config: Config, size: tuple[int, int]) -> str:
+        """Every source image: SD3 cannot condition on one."""
+        return f"model.family = {self.family!r} has no edit conditioning (source images need e.g. zimage)"
+
     def vae(self, path: Path | None) -> SD3VAE | None:
         """The pipeline dir's `vae/` (None without a pipeline dir: presets and transformer-only dirs)."""
         from engine.backends.sd3.vae import SD3VAE
@@ -183,15 +265,20 @@ class SD3Backend:
 
     def install_attention(self, model: torch.nn.Module, kind: str, backend: str) -> None:
         """`fused`: the LoRA-fused joint-attention processor (engine/backends/sd3/attention.py); `reference`: as
-        loaded (diffusers' JointAttnProcessor2_0 with peft's LoRA layers)."""
-        if kind != "fused":
-            return
-        from engine.backends.sd3.attention import install_attention
+        loaded (diffusers' JointAttnProcessor2_0 with peft's LoRA layers), its SDPA call under `backend`'s kernel
+        choice unless that is `sdpa` (torch's own)."""
+        from engine.backends.sd3.attention import install_attention, install_reference
 
-        install_attention(model, backend=backend)  # FLOWOPD_BACKEND[_JOINT_ATTENTION]=torch: diffusers' processor
+        if kind == "fused":
+            install_attention(model, backend=backend)  # FLOWOPD_BACKEND[_JOINT_ATTENTION]=torch: diffusers' processor
+        elif backend != "sdpa":
+            install_reference(model, backend)
 
-    def forward_flops(self, spec: ModelSpec, lora_rank: int | None, lora_targets: Sequence[str]) -> float:
+    def forward_flops(self, spec: ModelSpec, lora_rank: int | None, lora_targets: Sequence[str],
+                      edit: bool = False) -> float:
         """MMDiT forward FLOPs per image (engine/backends/sd3/flops.py), LoRA on the attention projections."""
+        if edit:
+            raise ValueError("SD3 has no edit rows")
         from engine.backends.sd3.flops import Lora, MMDiTDims, forward_flops
 
         lora = None if lora_rank is None else Lora(lora_rank, tuple(lora_targets))

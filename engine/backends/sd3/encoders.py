@@ -83,7 +83,8 @@ class SD3TextEncoder:
             from diffusers import StableDiffusion3Pipeline
 
             self.pipe = StableDiffusion3Pipeline.from_pretrained(
-                str(self.path), transformer=None, vae=None, torch_dtype=self.dtype, local_files_only=True
+                str(self.path), transformer=None, vae=None, torch_dtype=self.dtype, local_files_only=True,
+                use_safetensors=True,  # no pickled .bin weights: nothing loaded may run code
             ).to(self.device)
         embeds, _, pooled, _ = self.pipe.encode_prompt(
             prompt=prompts, prompt_2=None, prompt_3=None, do_classifier_free_guidance=False,

@@ -53,6 +53,7 @@ def load_transformer(path: str | Path, dtype: torch.dtype = torch.float32) -> SD
         raise ModelLoadError("; ".join(bad))
     try:
         model, info = SD3Transformer2DModel.from_pretrained(str(directory), torch_dtype=dtype, local_files_only=True,
+                                                            use_safetensors=True,  # never a pickled .bin
                                                             output_loading_info=True)
     except Exception as exc:  # safetensors/diffusers raise many types for truncated or mismatched files
         raise ModelLoadError(f"cannot load the transformer weights in {directory} ({weights}): {exc}") from exc

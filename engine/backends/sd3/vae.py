@@ -30,7 +30,8 @@ class SD3VAE:
         if not (sub / "config.json").is_file():
             raise ModelLoadError(f"no VAE in {path}: expected {sub / 'config.json'}")
         try:
-            return cls(AutoencoderKL.from_pretrained(str(sub), torch_dtype=dtype, local_files_only=True))
+            return cls(AutoencoderKL.from_pretrained(str(sub), torch_dtype=dtype, local_files_only=True,
+                                                 use_safetensors=True))
         except Exception as exc:  # diffusers/safetensors raise many types for bad files
             raise ModelLoadError(f"cannot load the VAE in {sub}: {exc}") from exc
 

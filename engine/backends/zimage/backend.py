@@ -26,8 +26,10 @@ from engine.backends.base import ModelSpec, TensorCond, TextEncoder
 from engine.backends.zimage.cond import ZImageCond
 from engine.backends.zimage.encoders import (
     HashPromptEncoder,
+    PixelImageEncoder,
     QwenPromptEncoder,
     SourceEncoder,
+    SourceImages,
     ZImageVAE,
     load_component,
 )
@@ -44,6 +46,8 @@ WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.
 CLASS_NAME = "ZImageTransformer2DModel"
 ATTENTION_KINDS = ("reference",)
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+MIN_SOURCE_SIDE = 64
+"""ZImageOmniPipeline checks every condition image with Flux2ImageProcessor.check_image_input (min_side_length 64)."""
 
 
 class ZImageLoadError(RuntimeError):
@@ -59,6 +63,7 @@ def transformer_dir(path: Path) -> Path:
 
 
 def read_transformer_config(directory: Path) -> dict[str, Any]:
+    """The transformer config.json of `directory`; ZImageLoadError naming the file when unreadable or not Z-Image."""
     file = directory / "config.json"
     try:
         cfg = json.loads(file.read_text())
@@ -98,11 +103,18 @@ class ZImageBackend:
 
     family = FAMILY
     default_lora_targets = LORA_TARGETS
+    cond_type = ZImageCond
 
     # ------------------------------------------------------------------------------------------------ presets
 
     def preset_names(self) -> list[str]:
+        """zimage-tiny (tests, the editing world), zimage-turbo, zimage-omni (the released architectures)."""
         return sorted(PRESETS)
+
+    def preset_spec(self, preset: str, latent_size: int = 0) -> ModelSpec:
+        """The spec of `preset` without building it (KeyError listing the valid names)."""
+        p = get_preset(preset)
+        return _spec(p.transformer, preset, latent_size or p.latent_size, p.text_tokens)
 
     def sigmas(self, steps: int, shift: float = SCHEDULER_SHIFT) -> torch.Tensor:
         """ZImagePipeline's schedule: shift(linspace(1, 1/n, n)) + [0], float32, length steps + 1
@@ -119,6 +131,7 @@ class ZImageBackend:
     # ------------------------------------------------------------------------------------------------- checks
 
     def config_problems(self, config: Config) -> list[str]:
+        """Presets, the latent size against patch size and RoPE table, attention kinds, CUDA-graph rollouts."""
         m = config.model
         out: list[str] = []
         path, preset = getattr(m, "path", ""), getattr(m, "preset", "")
@@ -132,15 +145,36 @@ class ZImageBackend:
         if attention not in ATTENTION_KINDS:
             out.append(f"model.attention = {attention!r}: {FAMILY} supports {list(ATTENTION_KINDS)} ("
                        + self._fused_reason() + ")")
+        if getattr(getattr(config, "kernels", None), "cuda_graphs", False):
+            out.append("kernels.cuda_graphs = true: Z-Image's forward takes Python lists per row and reads caption and "
+                       "image lengths on the host (`.tolist()`, transformer_z_image.py patchify_and_embed), so a "
+                       "denoising step cannot be captured as a CUDA graph; use kernels.cuda_graphs = false")
         return out
 
+    def source_image_problem(self, config: Config, size: tuple[int, int]) -> str:
+        """A source for the pipeline's VAE (data.encoder a pipeline dir) needs >= 64 px a side (ZImageOmniPipeline's
+        check_image_input); the builtin / a world's pixel encoder resizes any image."""
+        from engine.worlds import find_world
+
+        encoder = str(getattr(getattr(config, "data", None), "encoder", "builtin") or "builtin")
+        if encoder == "builtin" or find_world(encoder) is not None:
+            return ""
+        if min(size) < MIN_SOURCE_SIDE:
+            return (f"{size[0]}x{size[1]} px: Z-Image needs >= {MIN_SOURCE_SIDE} px a side (ZImageOmniPipeline checks "
+                    f"condition images with Flux2ImageProcessor.check_image_input)")
+        return ""
+
     def preflight(self, config: Config) -> list[str]:
+        """The student's targets on the real architecture (meta device), the text encoder's width vs cap_feat_dim."""
+        from engine.config.io import resolve_path  # `<world>:` paths (a miniature world's shipped base)
+        from engine.worlds import find_world
+
         m = config.model
         out: list[str] = []
         cfg: Mapping[str, Any]
         if getattr(m, "path", ""):
             try:
-                cfg = read_transformer_config(transformer_dir(Path(m.path)))
+                cfg = read_transformer_config(transformer_dir(resolve_path(m.path)))
             except ZImageLoadError as exc:
                 return [str(exc)]
             if getattr(m, "latent_size", 0):
@@ -157,7 +191,7 @@ class ZImageBackend:
             out.append(f"student.targets {missing} match no module of the Z-Image transformer (valid e.g. "
                        f"{list(LORA_TARGETS)})")
         encoder = str(getattr(getattr(config, "data", None), "encoder", "") or "")
-        if encoder and encoder != "builtin":
+        if encoder and encoder != "builtin" and find_world(encoder) is None:
             te = Path(encoder) / "text_encoder" / "config.json"
             if not te.is_file():
                 out.append(f"data.encoder = {encoder!r}: {te} not found (a Z-Image pipeline dir, or 'builtin')")
@@ -180,6 +214,7 @@ class ZImageBackend:
 
     def build(self, preset: str, seed: int, dtype: torch.dtype, latent_size: int = 0) -> tuple[torch.nn.Module,
                                                                                                 ModelSpec]:
+        """A randomly initialised ZImageTransformer2DModel of `preset` (deterministic in `seed`) and its spec."""
         from diffusers import ZImageTransformer2DModel
 
         p = get_preset(preset)
@@ -231,13 +266,15 @@ class ZImageBackend:
     # ----------------------------------------------------------------------------------------------- forward
 
     def velocity(self, model: torch.nn.Module, x: torch.Tensor, sigma: torch.Tensor, cond: TensorCond) -> torch.Tensor:
+        """v(x, sigma | cond) of T2I and edit rows (forward.py: t = 1 - sigma, output negated)."""
         if not isinstance(cond, ZImageCond):
             raise TypeError(f"the Z-Image backend needs a ZImageCond, got {type(cond).__name__}")
         return zimage_velocity(model, x, sigma, cond)
 
     # -------------------------------------------------------------------------------------- encoders / VAE
 
-    def text_encoder(self, spec: str, model_spec: ModelSpec, max_sequence_length: int) -> TextEncoder:
+    def text_encoder(self, spec: str, model_spec: ModelSpec, max_sequence_length: int,
+                     device: str | None = None) -> TextEncoder:
         """`builtin`: HashPromptEncoder of the model's caption width; else the Qwen tokenizer + text encoder of the
         local pipeline dir `spec` (its SigLIP processor, when present and the model has a SigLIP branch, fixes the
         SigLIP capacity of the rows)."""
@@ -250,9 +287,12 @@ class ZImageBackend:
         if siglip_dim:
             proc = path / "siglip_processor" / "preprocessor_config.json"
             tokens = int(json.loads(proc.read_text()).get("max_num_patches", 256)) if proc.is_file() else 256
-        return QwenPromptEncoder.from_dir(path, max_sequence_length, model_spec.latent_shape, tokens, siglip_dim)
+        encoder = QwenPromptEncoder.from_dir(path, max_sequence_length, model_spec.latent_shape, tokens, siglip_dim)
+        encoder.text_encoder.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        return encoder
 
     def vae(self, path: Path | None) -> ZImageVAE | None:
+        """The pipeline dir's `vae/` with Z-Image's shift and scaling (None without one)."""
         if path is None or not (Path(path) / "vae").is_dir():
             return None
         return ZImageVAE(load_component(Path(path), "vae"))
@@ -260,6 +300,22 @@ class ZImageBackend:
     def source_encoder(self, path: Path, model_spec: ModelSpec) -> SourceEncoder:
         """VAE + SigLIP of a pipeline dir for edit rows (SigLIP only when the transformer has the branch)."""
         return SourceEncoder.from_dir(Path(path), siglip=bool(model_spec.config.get("siglip_feat_dim")))
+
+    def image_encoder(self, spec: str, model_spec: ModelSpec, device: str | None = None
+                      ) -> PixelImageEncoder | SourceImages:
+        """`builtin`: the pixel encoder (models whose latents are RGB pixels); a pipeline dir: its VAE (+ SigLIP),
+        every source resized to the training size = latent size x the VAE factor (DanceOPD, zimage_diffsynth.py:457)."""
+        if spec == "builtin":
+            return PixelImageEncoder(model_spec.latent_shape)
+        sources = self.source_encoder(Path(spec), model_spec)
+        dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        sources.vae.vae.to(dev)
+        if sources.siglip is not None:
+            sources.siglip.to(dev)
+        f = sources.vae.scale_factor
+        size = (int(model_spec.latent_shape[2]) * f, int(model_spec.latent_shape[1]) * f)
+        identity = f"zimage-source:{Path(spec).resolve()}:{size[0]}x{size[1]}:siglip{sources.siglip_tokens}"
+        return SourceImages(sources, size, identity)
 
     # ----------------------------------------------------------------------------------------- attention
 

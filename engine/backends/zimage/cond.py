@@ -23,6 +23,7 @@ passes: `siglip_feats=[None]`, zimage_diffsynth.py:282). Text-to-image rows hold
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -85,6 +86,26 @@ class ZImageCond(TensorCond):
         return ZImageCond(cap=self.cap, cap_lens=self.cap_lens, source=source.to(self.source.dtype),
                           siglip=siglip.to(self.siglip.dtype), siglip_hw=siglip_hw.to(torch.int64),
                           n_source=torch.ones(b, dtype=torch.int64, device=self.n_source.device))
+
+    def with_images(self, images: Mapping[str, torch.Tensor]) -> ZImageCond:
+        """Edit rows from these caption rows and an image encoder's tensors (`source`, optional `siglip` +
+        `siglip_hw`): `with_source` under the engine's generic name."""
+        if "source" not in images:
+            raise KeyError(f"Z-Image edit rows need a 'source' latent per row; got {sorted(images)}")
+        return self.with_source(images["source"], images.get("siglip"), images.get("siglip_hw"))
+
+    def kinds(self) -> dict[tuple[int, bool], list[int]]:
+        """Row indices per forward kind, (n_source, has SigLIP) -> rows in row order: diffusers' basic mode for T2I
+        rows and its Omni mode for edit rows are different calls (engine/backends/zimage/forward.py)."""
+        groups: dict[tuple[int, bool], list[int]] = {}
+        hw = self.siglip_hw.prod(1).tolist()
+        for i, n in enumerate(self.n_source.tolist()):
+            groups.setdefault((int(n), int(n) > 0 and hw[i] > 0), []).append(i)
+        return groups
+
+    def forward_groups(self) -> list[list[int]]:
+        """The rows of each forward kind (`kinds`), in first-seen order."""
+        return list(self.kinds().values())
 
     def uncond_twin(self, uncond: ZImageCond) -> ZImageCond:
         """Each row's unconditional twin: the empty prompt in the row's own layout; an edit row keeps its source

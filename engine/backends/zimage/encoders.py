@@ -11,6 +11,8 @@
 - `ZImageVAE`: AutoencoderKL with Z-Image's shift and scaling (latents = (mode(E(x)) - shift) * scale).
 - `SourceEncoder`: source images -> (clean VAE latents, SigLIP features, grid), as ZImageOmniPipeline's
   `prepare_image_latents` and `prepare_siglip_embeds` do; `edit_cond(...)` puts captions and sources together.
+- `SourceImages` (a pipeline dir) and `PixelImageEncoder` (`builtin`: latents are pixels, the editing world): the
+  engine's `ImageEncoder` protocol, what the image cache (engine/data/edits.py) runs once per source image.
 """
 
 from __future__ import annotations
@@ -78,9 +80,11 @@ class PromptEncoderBase:
         self.siglip_tokens, self.siglip_dim = siglip_tokens, siglip_dim
 
     def t2i_features(self, prompts: list[str]) -> list[torch.Tensor]:
+        """One [n, dim] caption (the T2I layout's single segment) per prompt."""
         raise NotImplementedError
 
     def omni_features(self, prompts: list[str]) -> list[list[torch.Tensor]]:
+        """The three Omni edit-layout segments ([n_k, dim] each) per prompt."""
         raise NotImplementedError
 
     def _cond(self, t2i: list, omni: list, n_source: int) -> ZImageCond:
@@ -120,9 +124,11 @@ class HashPromptEncoder(PromptEncoderBase):
 
     @property
     def identity(self) -> str:
+        """Changes whenever the features could (keys the prompt cache)."""
         return f"zimage-hash:{self.dim}:{self.max_sequence_length}:{self.vocab}:{self.seed}"
 
     def tokens(self, prompt: str) -> list[str]:
+        """The words of `prompt`, lower-cased, after "<bos>"; ValueError when longer than max_sequence_length."""
         words = ["<bos>", *prompt.lower().split()]
         if len(words) > self.max_sequence_length:
             raise ValueError(f"prompt has {len(words)} tokens > max_sequence_length {self.max_sequence_length}: "
@@ -134,9 +140,11 @@ class HashPromptEncoder(PromptEncoderBase):
         return self.table[ids]
 
     def t2i_features(self, prompts: list[str]) -> list[torch.Tensor]:
+        """The hashed words of each prompt (one segment)."""
         return [self._features(p) for p in prompts]
 
     def omni_features(self, prompts: list[str]) -> list[list[torch.Tensor]]:
+        """Empty template segments around the hashed prompt (no chat template: see the module docstring)."""
         empty = torch.zeros(0, self.dim)
         return [[empty, self._features(p), empty] for p in prompts]
 
@@ -155,6 +163,7 @@ class QwenPromptEncoder(PromptEncoderBase):
     @classmethod
     def from_dir(cls, path: Path, max_sequence_length: int, latent_shape: Sequence[int], siglip_tokens: int = 0,
                  siglip_dim: int = 0, dtype: torch.dtype = torch.float32) -> QwenPromptEncoder:
+        """The tokenizer and text encoder (in `dtype`) of the local pipeline dir `path` (no hub)."""
         path = Path(path)
         tokenizer = load_component(path, "tokenizer")
         text_encoder = load_component(path, "text_encoder").to(dtype)
@@ -163,6 +172,7 @@ class QwenPromptEncoder(PromptEncoderBase):
 
     @property
     def identity(self) -> str:
+        """The pipeline dir and sequence length (keys the prompt cache)."""
         # dtype is left out on purpose (as for SD3): a cache built in bf16 on a GPU node serves fp32 runs too
         return self._identity
 
@@ -182,9 +192,11 @@ class QwenPromptEncoder(PromptEncoderBase):
                                                   add_generation_prompt=True, enable_thinking=True)
 
     def t2i_features(self, prompts: list[str]) -> list[torch.Tensor]:
+        """ZImagePipeline's caption features of each prompt."""
         return self.embed([self.t2i_text(p) for p in prompts])
 
     def omni_features(self, prompts: list[str]) -> list[list[torch.Tensor]]:
+        """ZImageOmniPipeline's three caption segments of each prompt with one condition image."""
         flat = [s for p in prompts for s in omni_texts(p)]  # one tokenizer batch, as the pipeline does
         feats = self.embed(flat)
         k = len(omni_texts(""))
@@ -206,6 +218,7 @@ class ZImageVAE:
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] in [-1, 1] -> latents [B, C, H/8, W/8] as the transformer sees them (float32)."""
         p = next(self.vae.parameters())
         # ZImageOmniPipeline.prepare_image_latents casts to bfloat16 (`image.bfloat16()`, so it needs a bf16 VAE);
         # here the input follows the VAE's own dtype, which is the same thing for the released bf16 pipelines.
@@ -214,6 +227,7 @@ class ZImageVAE:
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents as the transformer sees them -> [B, 3, H, W] in [-1, 1] (float32)."""
         p = next(self.vae.parameters())
         return self.vae.decode((latents.to(p.device, p.dtype) / self.scaling) + self.shift,
                                return_dict=False)[0].float()
@@ -246,6 +260,7 @@ class SourceEncoder:
 
     @property
     def siglip_dim(self) -> int:
+        """Width of the SigLIP features (0 without a SigLIP model)."""
         return int(self.siglip.config.hidden_size) if self.siglip is not None else 0
 
     def prepare(self, image: Any, size: tuple[int, int] | None = None) -> tuple[Any, torch.Tensor]:
@@ -294,3 +309,53 @@ def edit_cond(captions: ZImageCond, latents: torch.Tensor, siglip: torch.Tensor 
               siglip_hw: torch.Tensor | None = None) -> ZImageCond:
     """Edit rows: `encode_edit` captions with their source latents (and SigLIP features, if any)."""
     return captions.with_source(latents, siglip, siglip_hw)
+
+
+class SourceImages:
+    """`SourceEncoder` as the engine's `ImageEncoder`: every source resized to the training size first, as DanceOPD
+    does (`image.resize((width, height))`, zimage_diffsynth.py:457), then the pipeline's own preparation."""
+
+    def __init__(self, encoder: SourceEncoder, size: tuple[int, int], identity: str):
+        self.encoder, self.size, self._identity = encoder, size, identity
+
+    @property
+    def identity(self) -> str:
+        """The pipeline dir, the size and the SigLIP capacity (keys the image cache)."""
+        return self._identity
+
+    def encode(self, images: list[Any]) -> dict[str, torch.Tensor]:
+        """{"source": [B, C, h, w]} (+ "siglip" [B, N, D], "siglip_hw" [B, 2] with a SigLIP branch), float32."""
+        latents, feats, grids = self.encoder.encode(images, self.size)
+        out = {"source": latents.float().cpu()}
+        if feats is not None and grids is not None:
+            out.update(siglip=feats, siglip_hw=grids)
+        return out
+
+
+class PixelImageEncoder:
+    """`builtin` source images for a model whose latents are the pixels (in_channels 3, no VAE: the editing world):
+    RGB resized to the latent size (PIL's default filter, as DanceOPD resizes) and scaled to [-1, 1]."""
+
+    def __init__(self, latent_shape: Sequence[int]):
+        c, self.height, self.width = (int(v) for v in latent_shape)
+        if c != 3:
+            raise ValueError(f"the builtin (pixel) source-image encoder needs 3 latent channels, the model has {c}: "
+                             f"set data.encoder to a Z-Image pipeline dir (its vae/ encodes the sources)")
+
+    @property
+    def identity(self) -> str:
+        """The size the images are resized to (keys the image cache)."""
+        return f"zimage-pixels:{self.height}x{self.width}"
+
+    def encode(self, images: list[Any]) -> dict[str, torch.Tensor]:
+        """{"source": [B, 3, H, W]} in [-1, 1]: 8-bit RGB values v as v / 127.5 - 1."""
+        import numpy as np
+
+        arrays = []
+        for im in images:
+            im = im.convert("RGB")
+            if im.size != (self.width, self.height):
+                im = im.resize((self.width, self.height))
+            arrays.append(np.asarray(im, dtype=np.float32))
+        x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+        return {"source": (x / 127.5 - 1.0).contiguous()}

@@ -53,12 +53,8 @@ def _row_inputs(x: torch.Tensor, cond: ZImageCond, i: int, dtype: torch.dtype) -
 
 
 def row_groups(cond: ZImageCond) -> dict[tuple[int, bool], list[int]]:
-    """Row indices per forward kind: (n_source, has SigLIP) -> rows, in row order."""
-    groups: dict[tuple[int, bool], list[int]] = {}
-    hw = cond.siglip_hw.prod(1).tolist()
-    for i, n in enumerate(cond.n_source.tolist()):
-        groups.setdefault((int(n), int(n) > 0 and hw[i] > 0), []).append(i)
-    return groups
+    """Row indices per forward kind: (n_source, has SigLIP) -> rows, in row order (`ZImageCond.kinds`)."""
+    return cond.kinds()
 
 
 def zimage_velocity(model: torch.nn.Module, x: torch.Tensor, sigma: torch.Tensor | float,

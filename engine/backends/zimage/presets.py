@@ -32,6 +32,8 @@ SCHEDULER_SHIFT = 3.0
 
 @dataclass(frozen=True)
 class ZImagePreset:
+    """A named architecture: the transformer kwargs and the shapes the engine needs without building it."""
+
     name: str
     transformer: dict[str, Any] = field(repr=False)
     """Keyword arguments of diffusers' `ZImageTransformer2DModel`."""
@@ -44,10 +46,12 @@ class ZImagePreset:
 
     @property
     def latent_channels(self) -> int:
+        """Latent channels (16 for the FLUX VAE)."""
         return int(self.transformer["in_channels"])
 
     @property
     def cap_feat_dim(self) -> int:
+        """Caption feature width the text encoder must produce."""
         return int(self.transformer["cap_feat_dim"])
 
 
@@ -107,6 +111,7 @@ PRESETS: dict[str, ZImagePreset] = {
 
 
 def get_preset(name: str) -> ZImagePreset:
+    """The preset called `name`; KeyError listing the valid names."""
     if name not in PRESETS:
         raise KeyError(f"unknown Z-Image preset {name!r}; valid: {', '.join(sorted(PRESETS))}")
     return PRESETS[name]

@@ -23,7 +23,7 @@ from engine.worlds import register_world
 from engine.worlds.toy.scorers import register as register_scorers
 
 if TYPE_CHECKING:
-    from engine.backends.base import TextEncoder
+    from engine.backends.base import ImageEncoder, TextEncoder
     from engine.config.schema import Config
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
@@ -49,6 +49,10 @@ class ToyWorld:
         from engine.worlds.toy.encoder import ToyTextEncoder
 
         return ToyTextEncoder.from_pretrained()
+
+    def image_encoder(self) -> ImageEncoder:
+        """The T2I world has no edit rows: ValueError."""
+        raise ValueError("the toy world has no edit rows (no source-image encoder); see the toy_edit world")
 
     def config_problems(self, config: Config) -> list[str]:
         """The report scores the world's eval prompts with its rewards: it needs the world's encoder."""

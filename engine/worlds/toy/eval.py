@@ -25,8 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine.adapters.lora import STUDENT, LoraSpec, adapter_names, add_adapter, load_adapter
-from engine.adapters.merge import merge_into_student
+from engine.adapters.lora import STUDENT, load_adapter
 from engine.backends.base import TextEncoder
 from engine.backends.sd3.cond import SD3Cond
 from engine.ops import ode_step
@@ -157,11 +156,9 @@ def evaluate_seeds(
 def add_merge(model: torch.nn.Module, method: str, experts: Sequence[str], rank: int, alpha: float,
               name: str = STUDENT) -> str:
     """A `name` adapter (rank, alpha) holding the `method` merge of `experts`; returns its name."""
-    if name in adapter_names(model):
-        model.delete_adapters(name)
-    add_adapter(model, name, LoraSpec(rank=rank, alpha=alpha))
-    merge_into_student(model, list(experts), method=method, student=name)
-    return name
+    from engine.worlds.report_common import add_merge as merge
+
+    return merge(model, method, experts, rank, alpha, name)
 
 
 # ------------------------------------------------------------------------------------------------------ CLI

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -58,35 +58,72 @@ def initial_noise(n_items: int, samples: int, seed: int, shape: Sequence[int] = 
     return out
 
 
+VelocityFn = Callable[[torch.Tensor, torch.Tensor, ZImageCond], torch.Tensor]
+"""(x [B, C, H, W], sigma [B], cond) -> velocity, with whatever adapter and guidance the caller applies (the
+trainer's `student_velocity` is one)."""
+
+
+@torch.no_grad()
+def integrate(velocity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], noise: torch.Tensor, steps: int,
+              shift: float) -> torch.Tensor:
+    """Euler ODE x' = x + (sigma' - sigma) v(x, sigma) over Z-Image's schedule, from `noise` (sigma 1) to sigma 0."""
+    sigmas = ZImageBackend().sigmas(steps, shift).to(noise.device)
+    x = noise.float().clone()
+    for i in range(steps):
+        v = velocity(x, sigmas[i].expand(x.shape[0])).float()
+        x = x + (sigmas[i + 1] - sigmas[i]) * v
+    return x
+
+
 @torch.no_grad()
 def ode_sample(model: torch.nn.Module, noise: torch.Tensor, cond: ZImageCond, settings: EvalSettings,
                uncond: ZImageCond | None = None) -> torch.Tensor:
     """Euler ODE from `noise` (sigma 1) to sigma 0 for the target latents; `uncond` rows for CFG."""
-    sigmas = ZImageBackend().sigmas(settings.steps, settings.shift)
-    x = noise.float().clone()
-    for i in range(settings.steps):
-        s = sigmas[i].expand(x.shape[0])
+    def velocity(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         v = zimage_velocity(model, x, s, cond).float()
         if settings.cfg != 1.0:
             v_u = zimage_velocity(model, x, s, uncond).float()
             v = v_u + settings.cfg * (v - v_u)
-        x = x + (sigmas[i + 1] - sigmas[i]) * v
-    return x
+        return v
+
+    return integrate(velocity, noise, settings.steps, settings.shift)
+
+
+def item_rows(encoder: HashPromptEncoder, items: Sequence[tuple[str, Scene | None]], samples: int
+              ) -> tuple[list[str], list[np.ndarray | None], ZImageCond]:
+    """(prompts, sources, conditioning) of `samples` rows per item, item-major."""
+    prompts = [p for p, _ in items for _ in range(samples)]
+    sources = [None if s is None else render(s) for _, s in items for _ in range(samples)]
+    return prompts, sources, conditioning(encoder, prompts, sources)
 
 
 def sample_items(model: torch.nn.Module, encoder: HashPromptEncoder, items: Sequence[tuple[str, Scene | None]],
                  settings: EvalSettings = EvalSettings()) -> tuple[torch.Tensor, list[str], list[np.ndarray | None]]:
     """(images [len(items) * N, 3, 16, 16] clamped to [-1, 1], prompts, sources) item-major, N per item."""
     n = settings.samples_per_item
-    prompts = [p for p, _ in items for _ in range(n)]
-    sources = [None if s is None else render(s) for _, s in items for _ in range(n)]
+    prompts, sources, cond = item_rows(encoder, items, n)
     noise = initial_noise(len(items), n, settings.seed)
-    cond = conditioning(encoder, prompts, sources)
     uncond = cond.uncond_twin(encoder.encode([""])) if settings.cfg != 1.0 else None
     outs = []
     for a in range(0, noise.shape[0], settings.batch):
         sl = slice(a, a + settings.batch)
         outs.append(ode_sample(model, noise[sl], cond[sl], settings, None if uncond is None else uncond[sl]))
+    return torch.cat(outs).clamp(-1.0, 1.0), prompts, sources
+
+
+@torch.no_grad()
+def sample_with(velocity: VelocityFn, encoder: HashPromptEncoder, items: Sequence[tuple[str, Scene | None]],
+                settings: EvalSettings = EvalSettings(), device: torch.device | str = "cpu"
+                ) -> tuple[torch.Tensor, list[str], list[np.ndarray | None]]:
+    """`sample_items` with any velocity function (e.g. the live student's, on `device`); images on the CPU."""
+    n = settings.samples_per_item
+    prompts, sources, cond = item_rows(encoder, items, n)
+    noise = initial_noise(len(items), n, settings.seed)
+    outs = []
+    for a in range(0, noise.shape[0], settings.batch):
+        chunk = cond[a : a + settings.batch].to(device)
+        outs.append(integrate(lambda x, s, c=chunk: velocity(x, s, c), noise[a : a + settings.batch].to(device),
+                              settings.steps, settings.shift).cpu())
     return torch.cat(outs).clamp(-1.0, 1.0), prompts, sources
 
 
@@ -118,6 +155,7 @@ def check_items(stride: int) -> list[tuple[str, Scene | None]]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The CLI (see the module docstring)."""
     ap = argparse.ArgumentParser(prog="python -m engine.worlds.toy_edit.eval", description=__doc__.split("\n\n")[0])
     ap.add_argument("--weights", default=str(WEIGHTS_DIR))
     ap.add_argument("--row", action="append", default=[], help="base or an expert task (default: all)")

@@ -35,10 +35,12 @@ PEFT_WEIGHTS, PEFT_CONFIG, DIFFUSERS_WEIGHTS = "adapter_model.safetensors", "ada
 
 
 def new_encoder() -> HashPromptEncoder:
+    """The world's prompt encoder: the backend's hash encoder at the tiny preset's caption width."""
     return HashPromptEncoder(int(TRANSFORMER["cap_feat_dim"]), LATENT_SHAPE, MAX_TOKENS)
 
 
 def new_transformer(seed: int) -> torch.nn.Module:
+    """A randomly initialised `zimage-tiny` transformer (deterministic in `seed`)."""
     from diffusers import ZImageTransformer2DModel
 
     with torch.random.fork_rng(devices=[]):
@@ -71,6 +73,7 @@ def example_batch(encoder: HashPromptEncoder, examples: Sequence[Example],
 
 
 def logit_normal_sigmas(n: int, generator: torch.Generator, mean: float = 0.0, std: float = 1.0) -> torch.Tensor:
+    """[n] training noise levels sigmoid(N(mean, std)) (SD3's logit-normal sampling)."""
     return torch.sigmoid(mean + std * torch.randn(n, generator=generator))
 
 

@@ -70,6 +70,7 @@ def background_map(time: str) -> np.ndarray:
 
 
 def dilate(mask: np.ndarray) -> np.ndarray:
+    """`mask` grown by one pixel (4-neighbourhood)."""
     out = mask.copy()
     out[1:] |= mask[:-1]
     out[:-1] |= mask[1:]
@@ -120,6 +121,7 @@ def object_pixels(image: np.ndarray) -> np.ndarray:
 
 
 def t2i_terms(image: np.ndarray, spec: T2ISpec) -> dict[str, float]:
+    """The four T2I terms of `image` for `spec`: present, square, count, background (see the module docstring)."""
     found = detect_squares(image)
     hits = [next((f for f in found if f["color"] == c), None) for c in spec.colors]
     present = float(np.mean([h is not None for h in hits]))
@@ -131,6 +133,7 @@ def t2i_terms(image: np.ndarray, spec: T2ISpec) -> dict[str, float]:
 
 
 def t2i_score(image: np.ndarray, spec: T2ISpec) -> float:
+    """The T2I reward: the mean of `t2i_terms`."""
     return float(np.mean(list(t2i_terms(image, spec).values())))
 
 

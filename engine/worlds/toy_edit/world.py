@@ -52,6 +52,8 @@ GRID = 2  # positions snap to the patch grid
 
 @dataclass(frozen=True)
 class Obj:
+    """One coloured square at top-left corner (y, x)."""
+
     color: str
     y: int
     x: int
@@ -66,11 +68,14 @@ class Scene:
 
     @property
     def colors(self) -> tuple[str, ...]:
+        """The objects' colours in order."""
         return tuple(o.color for o in self.objects)
 
 
 @dataclass(frozen=True)
 class T2ISpec:
+    """A T2I prompt: the time of day and the colours of its squares."""
+
     time: str
     colors: tuple[str, ...]
     task = "t2i"
@@ -78,6 +83,8 @@ class T2ISpec:
 
 @dataclass(frozen=True)
 class LocalEdit:
+    """A recolour: the square of colour `src` becomes `dst`."""
+
     src: str
     dst: str
     task = "local_edit"
@@ -85,6 +92,8 @@ class LocalEdit:
 
 @dataclass(frozen=True)
 class GlobalEdit:
+    """A relight: the whole scene at time `time`."""
+
     time: str
     task = "global_edit"
 
@@ -130,6 +139,7 @@ def parse_prompt(prompt: str) -> Spec:
 
 
 def task_of(prompt: str) -> str:
+    """The task tag of a prompt (t2i, local_edit, global_edit); ValueError without a known tag."""
     m = re.match(r"^\s*\[(\w+)\]", prompt)
     if m is None or m[1] not in TASKS:
         raise ValueError(f"prompt has no known task tag {[f'[{t}]' for t in TASKS]}: {prompt!r}")
@@ -234,6 +244,7 @@ class Example:
 
     @property
     def task(self) -> str:
+        """The task tag of the prompt."""
         return task_of(self.prompt)
 
 
@@ -375,6 +386,30 @@ def eval_items(task: str | None = None) -> list[tuple[str, Scene | None]]:
     for _ in range(n):
         scene = random_scene(rng)
         items.append((prompt_of(random_edit(task, scene, rng)), scene))
+    return items
+
+
+TRAIN_SEED = 8765
+TRAIN_COUNTS = {"t2i": 24, "local_edit": 48, "global_edit": 48}
+
+
+def train_items(task: str | None = None) -> list[tuple[str, Scene | None]]:
+    """The OPD training set (`builtin:toy_edit`): the 24 T2I prompts the eval set leaves out, and 48 edits of fresh
+    random scenes per edit task (seed TRAIN_SEED; an item equal to an eval item is drawn again). All tasks when
+    `task` is None."""
+    if task is None:
+        return [item for t in TASKS for item in train_items(t)]
+    if task == "t2i":
+        held = {p for p, _ in eval_items("t2i")}
+        return [(p, None) for p in (prompt_of(s) for s in all_t2i_specs()) if p not in held]
+    rng = np.random.default_rng([TRAIN_SEED, TASKS.index(task)])
+    held_items = set(eval_items(task))
+    items: list[tuple[str, Scene | None]] = []
+    while len(items) < TRAIN_COUNTS[task]:
+        scene = random_scene(rng)
+        item = (prompt_of(random_edit(task, scene, rng)), scene)
+        if item not in held_items:
+            items.append(item)
     return items
 
 
