@@ -68,8 +68,10 @@ def test_recipe_fits_the_sd35_medium_architecture(name: str) -> None:
     positional embedding) on the real SD3.5-M architecture, built on the meta device instead of loading weights."""
     c = load_config(CONFIGS / name, ['model.path=""', 'model.preset="sd35-medium"', 'data.prompts="builtin:tiny"',
                                      'data.encoder="builtin"'])
-    # builtin prompts: other tasks and no routed buckets; fp16 (the Flow-OPD recipe) needs the GPU this check lacks
-    problems = [p for p in check_environment(c) if not p.startswith(("opd.routes", "model.dtype = 'float16'"))]
+    # builtin prompts: other tasks, so no routed buckets (opd.routes / opd.routing); fp16 (the Flow-OPD recipe)
+    # needs the GPU this check lacks
+    problems = [p for p in check_environment(c)
+                if not p.startswith(("opd.routes", "opd.routing", "model.dtype = 'float16'"))]
     assert problems == []
 
 

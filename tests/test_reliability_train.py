@@ -109,8 +109,8 @@ def test_corrupt_newest_checkpoint_falls_back_and_continues_exactly(tmp_path: Pa
 
 
 def _routes(trainer, step: int) -> list[str]:
-    pool, key = trainer.router.pool(step)
-    return trainer.router.route(step, trainer.sampler.batch(step, 0, pool, key).tasks)
+    draw = trainer.router.draw(step)
+    return trainer.router.route(step, trainer.sampler.batch(step, 0, draw.pool, draw.key, draw.pool_step).tasks)
 
 
 def _poison(trainer, teacher: str, value: float) -> dict[str, torch.Tensor]:
