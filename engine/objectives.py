@@ -16,6 +16,7 @@ from engine.fields.field import Field
 from engine.objective import Objective
 from engine.opd.objective import OPDObjective, PhaseRange
 from engine.opd.query import num_candidates
+from engine.rl.step_rewards import Decode, StepRewards
 
 
 def chunks_of(c: Config) -> int:
@@ -39,14 +40,29 @@ def _build(c: Config, evaluator: FieldEvaluator, fields: dict[str, Field], sigma
            backend: ModelBackend, spec: ModelSpec, comm: Collectives, mix: dict[str, float] | None,
            params: Sequence[torch.nn.Parameter]) -> Objective:
     if not c.rl.loss:
+        rewards = _step_rewards(c, backend, spec, comm) if c.opd.loss == "mixed" else None
         return OPDObjective(c.opd, c.rollout, evaluator, sigmas, phase, mix=mix, params=params, seed=c.train.seed,
-                            latent_shape=spec.latent_shape)
-    from engine.backends.decode import make_decoder
+                            latent_shape=spec.latent_shape, rewards=rewards)
     from engine.rl.objective import GRPOObjective
     from engine.rl.rewards import RewardModel
 
-    model_dir: Path | None = resolve_path(c.model.path) if c.model.path else None
-    decode = make_decoder(backend, model_dir, spec.latent_shape, comm.device)
+    reward = RewardModel.from_config(c.rl, comm.device)
     reference = fields[c.rl.reference] if c.rl.reference else Field("reference", None, c.rollout.cfg_scale)
-    return GRPOObjective(c.rl, c.rollout, evaluator, sigmas, phase, RewardModel.from_config(c.rl, comm.device),
-                         decode, comm.gather, reference, c.train.seed)
+    return GRPOObjective(c.rl, c.rollout, evaluator, sigmas, phase, reward, _decoder(c, backend, spec, comm),
+                         comm.gather, reference, c.train.seed)
+
+
+def _decoder(c: Config, backend: ModelBackend, spec: ModelSpec, comm: Collectives) -> Decode:
+    """latents -> images through the family's VAE (the miniature worlds: their own decoder)."""
+    from engine.backends.decode import make_decoder
+
+    model_dir: Path | None = resolve_path(c.model.path) if c.model.path else None
+    return make_decoder(backend, model_dir, spec.latent_shape, comm.device)
+
+
+def _step_rewards(c: Config, backend: ModelBackend, spec: ModelSpec, comm: Collectives) -> StepRewards:
+    """The `[rl]` rewards of OPD's mixed mode, normalised per prompt group over the step."""
+    from engine.rl.rewards import RewardModel
+
+    return StepRewards(c.rl, RewardModel.from_config(c.rl, comm.device), _decoder(c, backend, spec, comm),
+                       comm.gather, comm.device)

@@ -11,7 +11,7 @@ from typing import Protocol
 
 from engine.config.checks import choice, need, need_num
 
-LOSSES = ("mse", "gkd", "kl_only", "rkl_pg")  # the built-in losses (engine/opd/losses.py registers them and others)
+LOSSES = ("mse", "gkd", "kl_only", "rkl_pg", "mixed")  # built in (engine/opd/losses.py registers them and others)
 ROUTINGS = ("task", "step", "epoch", "soft", "field_step")
 QUERY_BIAS = ("uniform", "low", "mid", "high", "stratified")
 QUERY_CANDIDATES = ("train", "all")
@@ -19,7 +19,7 @@ QUERY_WEIGHTINGS = ("mean", "diffusionopd")
 STATE_SOURCES = ("on_policy", "off_policy")
 OFFPOLICY_ENDPOINTS = ("random", "field")
 FIELD_EVALUATORS = ("reference", "batched")
-RATIO_LOSSES = ("kl_only", "rkl_pg")
+RATIO_LOSSES = ("kl_only", "rkl_pg", "mixed")
 """Losses that re-score the rollout's log-probs (need SDE rollouts)."""
 
 
@@ -37,7 +37,9 @@ class OPDConfig:
     """[opd]: loss, routing, anchor, query states, state source, field evaluation."""
     loss: str = "gkd"
     """mse (DanceOPD velocity MSE), gkd (Flow-OPD transition KL), kl_only (Flow-OPD's shipped clipped-ratio
-    objective), rkl_pg (reverse-KL policy gradient on the student's own transitions; no paper has it)."""
+    objective), rkl_pg (reverse-KL policy gradient on the student's own transitions; no paper has it), mixed
+    (Flow-OPD's `reward_mode = "mixed"`: kl_only with the task advantage of the final image added to A; the
+    rewards are `[rl] rewards` / `scorers`, normalised per prompt group as `rl.per_prompt` / `rl.global_std` say)."""
     advantage_grad: bool = True
     """kl_only: keep the advantage A = clamp(-kl, +-adv_clip) attached to the graph, as Flow-OPD's code does
     (gradient r grad(KL) + KL grad(r)); false detaches it (DanceOPD's re-implementation): then E[KL grad log p] = 0
@@ -150,8 +152,8 @@ class OPDConfig:
         if self.loss in RATIO_LOSSES and self.states == "off_policy":
             p.append(f"opd.loss = {self.loss!r} needs opd.states = 'on_policy' (off-policy states have no "
                      f"rollout log-probs)")
-        if self.loss == "rkl_pg" and rollout.group_size < 2:
-            p.append(f"opd.loss = 'rkl_pg' normalises rewards per prompt group: rollout.group_size = "
+        if self.loss in ("rkl_pg", "mixed") and rollout.group_size < 2:
+            p.append(f"opd.loss = {self.loss!r} normalises rewards per prompt group: rollout.group_size = "
                      f"{rollout.group_size}; must be >= 2")
         if self.loss in ("gkd", *RATIO_LOSSES) and rollout.noise_level <= 0:
             p.append(f"opd.loss = {self.loss!r} needs rollout.noise_level > 0 (the KL divides by s^2)")

@@ -457,6 +457,9 @@ class Config:
             if not fields:
                 p.append("fields is empty: define at least one field to distill from")
             p += self.opd.problems(fields, self.rollout)
+            if self.opd.loss == "mixed" and not self.rl.rewards:
+                p.append("opd.loss = 'mixed' adds the task advantage of each rollout: set rl.rewards (task -> "
+                         "{scorer: weight}) and rl.scorers")
         p += self.train.problems() + self.kernels.problems() + self.report.problems()
         p += self.validation.problems() + self.tracking.problems()
         return p

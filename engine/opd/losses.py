@@ -10,9 +10,9 @@
   is the detached, zero-mean ablation.
 - `rkl_pg` (this engine's): the policy gradient of the reverse KL with the per-step reward
   log p_T(x'|x) - log p_theta(x'|x) of the sampled transition, group-normalised, in the clipped ratio.
-- Flow-OPD's `mixed` mode (A = task advantage of the final image + kl_scale kl) and its filter of prompt groups
-  whose task rewards are all equal need task rewards of the rollouts: they land with the GRPO work (issue 16),
-  whose rewards and scorers they use.
+- `mixed` (Flow-OPD's `reward_mode = "mixed"`): `kl_only` with A = clamp(clamp(task advantage, +-adv_clip) - kl,
+  +-adv_clip), the task advantage of the sample's final image normalised per prompt group (the `[rl]` rewards:
+  engine/rl/step_rewards.py), the same at every state of the trajectory.
 
 Losses are looked up by name in `LOSSES` (`register_loss` adds one).
 """
@@ -42,6 +42,8 @@ class Transition:
     noise_level: float
     logp_old: torch.Tensor | None = None
     """[B] log-prob of x_next under the rollout policy (kl_only)."""
+    task_advantage: torch.Tensor | None = None
+    """[B] group-normalised task advantage of each sample's final image (mixed)."""
     group_size: int = 1
     """Rows per prompt group (consecutive rows share a prompt: rkl_pg normalises its rewards within them)."""
 
@@ -142,16 +144,44 @@ def kl_only_loss(cfg: OPDConfig, v_student: torch.Tensor, v_target: torch.Tensor
     re-implementation, danceopd/core/flowopd.py:76-81, per sample): since kl depends on the state only,
     E[kl grad log p(x'|x)] = 0 and the term is zero-mean noise; only the anchor then pulls (toward the base).
     """
+    return _kl_policy(cfg, v_student, v_target, tr, v_anchor, None)
+
+
+def mixed_loss(cfg: OPDConfig, v_student: torch.Tensor, v_target: torch.Tensor, tr: Transition,
+               v_anchor: torch.Tensor | None) -> LossTerms:
+    """Flow-OPD's `reward_mode = "mixed"`: kl_only's clipped ratio with A = clamp(t - kl, +-adv_clip), where
+    t = clamp(task advantage, +-adv_clip) is the sample's final-image advantage (sparse, the same at every state)
+    and -kl the dense per-step reward (kl_scale = -1, as kl_only).
+
+    Flow-OPD scripts/train_sd3.py:1122-1170 (`task_advantage = sample["advantages"][:, last]`, clamped, then
+    `advantages = task_advantage + kl_scale * kl_reward`, clamped again; kl_norm "none"). There kl_reward is
+    [B, 1] and task_advantage [B], so A is the B x B matrix A[i, j] = t_j - kl_i against ratio r_j:
+    `opd.advantage_pairs = true` reproduces that, false is the per-sample A_i = t_i - kl_i. With t = 0 this is
+    kl_only exactly (tested)."""
+    if tr.task_advantage is None:
+        raise ValueError("opd.loss = 'mixed' needs the task advantages of the rollouts (rl.rewards)")
+    return _kl_policy(cfg, v_student, v_target, tr, v_anchor, tr.task_advantage)
+
+
+def _kl_policy(cfg: OPDConfig, v_student: torch.Tensor, v_target: torch.Tensor, tr: Transition,
+               v_anchor: torch.Tensor | None, task: torch.Tensor | None) -> LossTerms:
+    """kl_only (task None) and mixed: the clipped ratio with A = clamp([clamp(task)] - kl), A attached."""
     main = transition_kl(v_student, v_target, tr)
     anchor = transition_kl(v_student, v_anchor, tr) if v_anchor is not None else None
     if tr.logp_old is None:
-        raise ValueError("kl_only needs the rollout's log-probs")
+        raise ValueError(f"{cfg.loss} needs the rollout's log-probs")
     _, _, logp = _transition_mean(v_student, tr)
     ratio = torch.exp(logp - tr.logp_old)
-    adv = torch.clamp(-main, -cfg.adv_clip, cfg.adv_clip)
-    if not cfg.advantage_grad:
-        adv = adv.detach()
-    a = adv[:, None] if cfg.advantage_pairs else adv  # [B, 1] x [B] -> the B x B pairs of Flow-OPD's code
+    if task is None:
+        adv = torch.clamp(-main, -cfg.adv_clip, cfg.adv_clip)
+        a = adv[:, None] if cfg.advantage_pairs else adv  # [B, 1] x [B] -> the B x B pairs of Flow-OPD's code
+        if not cfg.advantage_grad:
+            a = a.detach()
+    else:
+        t = torch.clamp(task.to(main.dtype), -cfg.adv_clip, cfg.adv_clip)
+        kl = main if cfg.advantage_grad else main.detach()
+        a = torch.clamp((t[None, :] - kl[:, None]) if cfg.advantage_pairs else t - kl, -cfg.adv_clip, cfg.adv_clip)
+        adv = a
     loss = _clipped(a, ratio, cfg.clip_range).mean()
     pathwise = _clipped(a, ratio.detach(), cfg.clip_range).mean() if cfg.advantage_grad else None
     score = _clipped(a.detach(), ratio, cfg.clip_range).mean()
@@ -203,7 +233,8 @@ def rkl_pg_loss(cfg: OPDConfig, v_student: torch.Tensor, v_target: torch.Tensor,
     return LossTerms(loss, main, anchor, terms, pathwise, score)
 
 
-LOSSES: dict[str, LossFn] = {"mse": mse_loss, "gkd": gkd_loss, "kl_only": kl_only_loss, "rkl_pg": rkl_pg_loss}
+LOSSES: dict[str, LossFn] = {"mse": mse_loss, "gkd": gkd_loss, "kl_only": kl_only_loss, "rkl_pg": rkl_pg_loss,
+                             "mixed": mixed_loss}
 
 
 def register_loss(name: str, fn: LossFn) -> None:

@@ -28,6 +28,7 @@ from engine.opd.losses import Transition, opd_loss
 from engine.opd.query import num_candidates, select_queries, state_weight
 from engine.opd.routing import SOFT
 from engine.opd.states import forward_noised, random_endpoints
+from engine.rl.step_rewards import StepRewards
 from engine.sampling.rollout import Rollout, SampleNoise, Trajectory, rollout
 from engine.transfer import to_device
 
@@ -41,7 +42,7 @@ class OPDObjective:
     def __init__(self, cfg: OPDConfig, rollout: RolloutConfig, evaluator: FieldEvaluator, sigmas: torch.Tensor,
                  phase: PhaseRange, *, mix: dict[str, float] | None = None,
                  params: Sequence[torch.nn.Parameter] = (), seed: int = 0,
-                 latent_shape: Sequence[int] = ()):
+                 latent_shape: Sequence[int] = (), rewards: StepRewards | None = None):
         self.cfg, self.evaluator, self.sigmas, self.phase = cfg, evaluator, sigmas, phase
         self.steps, self.noise_level, self.group_size = rollout.steps, rollout.noise_level, rollout.group_size
         self.sigma_1 = float(sigmas[1])
@@ -54,14 +55,19 @@ class OPDObjective:
         self.mix = mix
         """Soft routing: field -> normalised weight of every sample's target (Router.mix); None = hard routes."""
         self.params, self.seed, self.latent_shape = list(params), seed, tuple(latent_shape)
+        self.rewards = rewards
+        """mixed: the step's task rewards -> per-group advantages (engine/rl/step_rewards.py); None otherwise."""
 
     def diagnose(self, step: int) -> bool:
         """Whether optimizer step `step` logs the gradient diagnostic."""
         return self.cfg.grad_diagnostic > 0 and step % self.cfg.grad_diagnostic == 0
 
     def prepare(self, step: int, micros: list[MicroBatch]) -> dict[str, float]:
-        """Nothing to look at before training (OPD needs no rewards)."""
-        return {}
+        """mixed: the task advantage of every rollout (rewards over the whole step); else nothing to look at."""
+        if self.rewards is None:
+            return {}
+        with self.phase("rewards", "yellow"):
+            return self.rewards(micros)
 
     def queries(self, micro: MicroBatch, seed: int, step: int) -> torch.Tensor:
         """[B, chunks] state indices of each sample (a pure function of seed and sample id)."""
@@ -116,6 +122,7 @@ class OPDObjective:
         step the gradient diagnostic's terms first (engine/opd/diagnostic.py)."""
         routes, cond, diagnose = micro.routes, micro.cond, self.diagnose(step)
         tr = self.transition(micro.traj, queries, j)
+        tr.task_advantage = micro.extra.get("advantages")
         n = len(routes)
         with self.phase("fields", "orange"), torch.no_grad():
             field_rows, blocks = self._field_rows(routes)

@@ -33,16 +33,12 @@ from engine.fields.field import Field, student_field
 from engine.objective import ChunkResult, MicroBatch
 from engine.opd.losses import LossOutput, Transition
 from engine.ops import sde_step
-from engine.rl.advantages import group_advantages, kept
 from engine.rl.grpo import grpo_loss
 from engine.rl.rewards import RewardModel
+from engine.rl.step_rewards import Decode, Gather, StepRewards
 from engine.sampling.rollout import Rollout, Trajectory
 
 PhaseRange = Callable[[str, str], AbstractContextManager]
-Gather = Callable[[torch.Tensor], torch.Tensor]
-"""Every rank's tensor of the same shape, concatenated in rank order (the identity with one rank)."""
-Decode = Callable[[torch.Tensor], torch.Tensor]
-"""latents -> images [B, 3, H, W] in [0, 1]."""
 
 
 class GRPOObjective:
@@ -51,7 +47,8 @@ class GRPOObjective:
     def __init__(self, cfg: RLConfig, rollout: RolloutConfig, evaluator: FieldEvaluator, sigmas: torch.Tensor,
                  phase: PhaseRange, reward: RewardModel, decode: Decode, gather: Gather, reference: Field, seed: int):
         self.cfg, self.evaluator, self.sigmas, self.phase, self.seed = cfg, evaluator, sigmas, phase, seed
-        self.reward, self.decode, self.gather, self.reference = reward, decode, gather, reference
+        self.reference = reference
+        self.rewards = StepRewards(cfg, reward, decode, gather, sigmas.device)
         self.noise_level = rollout.noise_level
         self.sigma_1 = float(sigmas[1])
         self.student = student_field(rollout.cfg_scale)
@@ -86,35 +83,7 @@ class GRPOObjective:
     def prepare(self, step: int, micros: list[MicroBatch]) -> dict[str, float]:
         """Reward every final image, normalise per prompt group over the step (all ranks), attach advantages."""
         with self.phase("rewards", "yellow"):
-            rewards, means = [], {}
-            for m in micros:
-                r, part = self.reward(self.decode(m.traj.samples), m.prompts, m.tasks)
-                rewards.append(r)
-                for k, v in part.items():
-                    means.setdefault(k, []).append(v)
-            local = torch.cat(rewards)
-            ids = torch.tensor([i for m in micros for i in m.sample_ids], dtype=torch.float64)
-            groups = torch.tensor([p for m in micros for p in m.prompt_ids], dtype=torch.float64)
-            index = torch.tensor([m.index for m in micros for _ in m.sample_ids], dtype=torch.float64)
-            packed = self.gather(torch.stack([ids, groups, index, local]).to(self.sigmas.device)).cpu()
-            world = packed.shape[1] // ids.numel()
-            order = torch.argsort(packed[0])  # global sample-id order: the same numbers for any rank split
-            all_ids, all_groups, all_micro, all_r = (row[order] for row in packed)
-            adv = group_advantages(all_r, all_groups.long().tolist(), per_prompt=self.cfg.per_prompt,
-                                   global_std=self.cfg.global_std)
-            keep_all = kept(adv) if self.cfg.filter_zero else torch.ones_like(adv, dtype=torch.bool)
-            by_id = dict(zip(all_ids.long().tolist(), zip(adv.tolist(), keep_all.tolist())))
-            dev = self.sigmas.device
-            for m in micros:
-                a, k = zip(*(by_id[i] for i in m.sample_ids))
-                m.extra["advantages"] = torch.tensor(a, dtype=torch.float64, device=dev)
-                m.extra["keep"] = torch.tensor(k, dtype=torch.bool, device=dev)
-                # the kept samples of this micro-batch on every rank, per rank (DeepSpeed averages over ranks)
-                m.extra["normalizer"] = float(keep_all[all_micro == m.index].sum()) / world
-        zero = float((adv == 0).double().mean())
-        out = {"reward": float(all_r.mean()), "reward_std": float(all_r.std(unbiased=False)), "zero_adv": zero}
-        out.update({f"reward/{k}": sum(v) / len(v) for k, v in means.items()})
-        return out
+            return self.rewards(micros)
 
     def queries(self, micro: MicroBatch, seed: int, step: int) -> torch.Tensor:
         """[B, chunks]: the training states, the same for every sample (the window's, or the first ones)."""
