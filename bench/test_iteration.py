@@ -231,8 +231,8 @@ def _flops(trainer, config: Config, steps: list[int]) -> dict[str, dict[str, flo
     text_tokens = trainer.uncond.prompt_embeds.shape[1]
     out: dict[str, dict[str, float]] = {}
     for s in steps:
-        pool, key = trainer.router.pool(s)
-        routes = trainer.router.route(s, trainer.sampler.batch(s, 0, pool, key).tasks)
+        draw = trainer.router.draw(s)
+        routes = trainer.router.route(s, trainer.sampler.batch(s, 0, draw.pool, draw.key, draw.pool_step).tasks)
         shape = opd_iteration_shape(config, ranks, routes)
         for phase, count in iteration_flops(dims, trainer.spec.latent_shape[-1], text_tokens, shape).items():
             name = {"student_forward": "student/forward", "student_backward": "student/backward"}.get(phase, phase)

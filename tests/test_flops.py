@@ -97,8 +97,8 @@ def test_opd_train_step_matches_flop_counter(tmp_path: Path) -> None:
                                                         f'output_dir="{tmp_path}"'])
     trainer = Trainer(cfg)
     try:
-        pool, key = trainer.router.pool(0)
-        routes = trainer.router.route(0, trainer.sampler.batch(0, 0, pool, key).tasks)
+        draw = trainer.router.draw(0)
+        routes = trainer.router.route(0, trainer.sampler.batch(0, 0, draw.pool, draw.key, draw.pool_step).tasks)
         ranks = {f.name: None if f.adapter is None else trainer.model.peft_config[f.adapter].r
                  for f in trainer.fields.values()}
         shape = opd_iteration_shape(cfg, ranks, routes)

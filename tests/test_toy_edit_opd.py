@@ -73,7 +73,9 @@ def test_real_size_recipe_carries_danceopds_hyperparameters_and_fits_the_archite
     assert (real.student.rank, real.student.alpha, real.train.lr, real.train.weight_decay) == (128, 128.0, 2e-4, 0.0)
     assert (real.rollout.steps, real.rollout.sampler, real.rollout.cfg_scale, real.train.grad_accum) == (16, "ode", 1.0,
                                                                                                         4)
-    assert (real.opd.loss, real.opd.query_states, real.opd.query_bias) == ("mse", 1, "low")
+    assert (real.opd.loss, real.opd.query_states, real.opd.query_bias, real.opd.query_candidates) == (
+        "mse", 1, "low", "all")
+    assert real.opd.routing == "step" and set(real.opd.route_weights) == set(real.opd.routes)  # G = 1
     assert (real.model.latent_size, real.model.dtype, real.model.family) == (128, "bfloat16", "zimage")
     assert real.student.targets == ["to_q", "to_k", "to_v", "to_out.0", "w1", "w2", "w3"]
     assert (real.model.attention, real.opd.evaluator, real.kernels.default, real.kernels.cuda_graphs) == (
