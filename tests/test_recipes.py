@@ -83,3 +83,22 @@ def test_recipes_keep_the_fast_paths_off_until_gpu_parity(name: str) -> None:
     assert (c.model.attention, c.model.attention_backend, c.model.compile) == ("reference", "sdpa", "none")
     assert (c.opd.evaluator, c.kernels.default, c.kernels.backends) == ("reference", "torch", {})
     assert not c.kernels.cuda_graphs and c.kernels.lora_merge_rows == 0
+
+
+def test_flow_grpo_recipe_is_flow_grpos_geneval_sd3_and_fits_the_architecture() -> None:
+    """configs/sd35m_flow_grpo.toml against flow_grpo's config/grpo.py geneval_sd3 (10 SDE steps at a = 0.7, CFG 4.5,
+    24 images per prompt, clip 1e-4, adv clip 5, beta 0.04, lr 3e-4, 9 of 10 transitions, EMA 0.9 / 8), and its
+    LoRA targets and latent size on the real SD3.5-M architecture built on the meta device."""
+    c = load_config(CONFIGS / "sd35m_flow_grpo.toml")
+    r, o = c.rl, c.rollout
+    assert (r.loss, r.clip_range, r.adv_clip, r.beta, r.per_prompt, r.global_std) == ("grpo", 1e-4, 5.0, 0.04, True,
+                                                                                      True)
+    assert (o.steps, o.sampler, o.noise_level, o.cfg_scale, o.group_size) == (10, "sde", 0.7, 4.5, 24)
+    assert (c.train.lr, c.train.ema_decay, c.train.ema_every) == (3e-4, 0.9, 8)
+    assert int(r.timestep_fraction * (o.steps - 1)) == 9
+    assert all(t.startswith("attn.") for t in c.student.targets)  # flow_grpo's attention-only LoRA
+    assert (c.kernels.default, c.model.attention) == ("torch", "reference")  # fast paths off until GPU parity
+    meta = load_config(CONFIGS / "sd35m_flow_grpo.toml", ['model.path=""', 'model.preset="sd35-medium"',
+                                                          'data.prompts="builtin:tiny"', 'data.encoder="builtin"'])
+    problems = [p for p in check_environment(meta) if not p.startswith("rl.scorers")]  # the placeholder scorer dir
+    assert problems == []
