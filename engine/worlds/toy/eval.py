@@ -28,8 +28,7 @@ import torch
 from engine.adapters.lora import STUDENT, load_adapter
 from engine.backends.base import TextEncoder
 from engine.backends.sd3.cond import SD3Cond
-from engine.ops import ode_step
-from engine.sampling.schedule import flow_match_sigmas
+from engine.eval.sampling import ode_sample
 
 
 @dataclass(frozen=True)
@@ -73,18 +72,6 @@ def field_velocity_fn(model: torch.nn.Module, adapter: str | None, uncond: SD3Co
     field = Field("eval", adapter, cfg)
     evaluator = PeftFieldEvaluator(model, predict_velocity, [field], uncond)
     return lambda x, sigma, cond: evaluator.field_velocity(field, x, sigma, cond)
-
-
-@torch.no_grad()
-def ode_sample(velocity: VelocityFn, noise: torch.Tensor, cond: SD3Cond, steps: int = 10,
-               shift: float = 3.0) -> torch.Tensor:
-    """Deterministic Euler ODE from `noise` (sigma 1) to sigma 0 (float32 state, any model dtype)."""
-    sigmas = flow_match_sigmas(steps, shift).to(noise.device)
-    x = noise.float().clone()
-    for i in range(steps):
-        v = velocity(x, sigmas[i].expand(x.shape[0]), cond)
-        x = ode_step(x, v.float(), sigmas[i], sigmas[i + 1])
-    return x
 
 
 @torch.no_grad()
