@@ -172,19 +172,13 @@ def _kl_policy(cfg: OPDConfig, v_student: torch.Tensor, v_target: torch.Tensor, 
         raise ValueError(f"{cfg.loss} needs the rollout's log-probs")
     _, _, logp = _transition_mean(v_student, tr)
     ratio = torch.exp(logp - tr.logp_old)
-    if task is None:
-        adv = torch.clamp(-main, -cfg.adv_clip, cfg.adv_clip)
-        a = adv[:, None] if cfg.advantage_pairs else adv  # [B, 1] x [B] -> the B x B pairs of Flow-OPD's code
-        if not cfg.advantage_grad:
-            a = a.detach()
-    else:
-        t = torch.clamp(task.to(main.dtype), -cfg.adv_clip, cfg.adv_clip)
-        kl = main if cfg.advantage_grad else main.detach()
-        a = torch.clamp((t[None, :] - kl[:, None]) if cfg.advantage_pairs else t - kl, -cfg.adv_clip, cfg.adv_clip)
-        adv = a
-    loss = _clipped(a, ratio, cfg.clip_range).mean()
-    pathwise = _clipped(a, ratio.detach(), cfg.clip_range).mean() if cfg.advantage_grad else None
-    score = _clipped(a.detach(), ratio, cfg.clip_range).mean()
+    t = torch.zeros_like(main) if task is None else torch.clamp(task.to(main.dtype), -cfg.adv_clip, cfg.adv_clip)
+    kl = main if cfg.advantage_grad else main.detach()
+    # pairs: A[i, j] = t_j - kl_i against ratio r_j, the B x B broadcast of Flow-OPD's [B, 1] kl and [B] ratio
+    adv = torch.clamp(t[None, :] - kl[:, None] if cfg.advantage_pairs else t - kl, -cfg.adv_clip, cfg.adv_clip)
+    loss = _clipped(adv, ratio, cfg.clip_range).mean()
+    pathwise = _clipped(adv, ratio.detach(), cfg.clip_range).mean() if cfg.advantage_grad else None
+    score = _clipped(adv.detach(), ratio, cfg.clip_range).mean()
     return LossTerms(loss, main, anchor, _ratio_terms(ratio, adv, cfg.clip_range), pathwise, score)
 
 
