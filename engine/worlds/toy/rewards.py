@@ -23,6 +23,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from engine.worlds.pixels import as_images, components
 from engine.worlds.toy.world import (
     COLORS,
     COMPOSE_BG,
@@ -73,37 +74,7 @@ CONTENT_MIN = 0.03  # fraction of edge (pixel, channel) pairs for full content s
 CONTRAST_LO, CONTRAST_HI = 0.5, 0.9
 
 
-def _np(images: torch.Tensor | np.ndarray) -> np.ndarray:
-    if isinstance(images, torch.Tensor):
-        images = images.detach().to("cpu", torch.float64).numpy()
-    images = np.asarray(images, dtype=np.float64)
-    if images.ndim != 4 or images.shape[1] != 3:
-        raise ValueError(f"expected images [B, 3, H, W], got {images.shape}")
-    return images
-
-
 # ------------------------------------------------------------------------------------------------ compose
-
-
-def _components(mask: np.ndarray) -> list[np.ndarray]:
-    """4-connected components of a boolean [H, W] mask, each as an [n, 2] array of (y, x)."""
-    seen = np.zeros_like(mask)
-    out = []
-    h, w = mask.shape
-    for y0, x0 in zip(*np.nonzero(mask)):
-        if seen[y0, x0]:
-            continue
-        stack, pix = [(y0, x0)], []
-        seen[y0, x0] = True
-        while stack:
-            y, x = stack.pop()
-            pix.append((y, x))
-            for yy, xx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
-                if 0 <= yy < h and 0 <= xx < w and mask[yy, xx] and not seen[yy, xx]:
-                    seen[yy, xx] = True
-                    stack.append((yy, xx))
-        out.append(np.array(pix))
-    return out
 
 
 def detect_objects(image: np.ndarray) -> list[dict]:
@@ -115,7 +86,7 @@ def detect_objects(image: np.ndarray) -> list[dict]:
     label = label.reshape(image.shape[1:])
     objects = []
     for k in range(1, len(_PALETTE)):
-        for comp in _components(label == k):
+        for comp in components(label == k):
             if len(comp) < MIN_AREA:
                 continue
             hgt = comp[:, 0].max() - comp[:, 0].min() + 1
@@ -213,7 +184,7 @@ def aesthetic_score(image: np.ndarray, spec: SceneSpec) -> float:
     d_sky = np.linalg.norm(image - ideal, axis=0)
     sun_mask = (d_sun < SUN_RADIUS) & (d_sun < d_sky)
     sun_mask[HORIZON:] = False
-    comps = _components(sun_mask)
+    comps = components(sun_mask)
     largest = max((len(c) for c in comps), default=0)
     total = int(sun_mask.sum())
     sun = min(largest / SUN_MIN, 1.0) * float(np.clip((2 * SUN_MAX - total) / SUN_MAX, 0.0, 1.0))
@@ -244,7 +215,7 @@ _BOX = tuple((dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1))
 
 def quality_terms(images: torch.Tensor | np.ndarray) -> dict[str, np.ndarray]:
     """The four factors of `quality`, each [B] in [0, 1]."""
-    x = _np(images)
+    x = as_images(images)
     residual = np.abs(x - np.median(_shifts(x, _PLUS), axis=0)).mean((1, 2, 3))
     box = _shifts(x, _BOX)
     lo, hi = box.min(0), box.max(0)
@@ -274,7 +245,7 @@ def quality(images: torch.Tensor | np.ndarray) -> np.ndarray:
 
 def task_reward(images: torch.Tensor | np.ndarray, prompts: Sequence[str]) -> np.ndarray:
     """Each image's reward for its own prompt's task, [B] in [0, 1]."""
-    x = _np(images)
+    x = as_images(images)
     if len(prompts) != x.shape[0]:
         raise ValueError(f"{len(prompts)} prompts for {x.shape[0]} images")
     out = np.empty(x.shape[0])
@@ -294,7 +265,7 @@ def score_row(images: torch.Tensor | np.ndarray, prompts: Sequence[str]) -> dict
 
     Tasks absent from `prompts` are NaN and the average then covers the columns present.
     """
-    x = _np(images)
+    x = as_images(images)
     rewards = task_reward(x, prompts)
     tasks = np.array([parse_prompt(p).task for p in prompts])
     row = {t: float(rewards[tasks == t].mean()) if (tasks == t).any() else float("nan") for t in TASKS}

@@ -27,6 +27,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from engine.worlds.pixels import as_images, components
 from engine.worlds.toy_edit.world import (
     COLORS,
     HORIZON,
@@ -42,15 +43,6 @@ COLUMNS: tuple[str, ...] = ("t2i", "local_edit", "global_edit", "preservation", 
 RADIUS = 0.45
 MIN_AREA = 8  # a rendered square has 36 px
 SQUARE_FILL = 0.78
-
-
-def _np(images: torch.Tensor | np.ndarray) -> np.ndarray:
-    if isinstance(images, torch.Tensor):
-        images = images.detach().to("cpu", torch.float64).numpy()
-    images = np.asarray(images, dtype=np.float64)
-    if images.ndim != 4 or images.shape[1] != 3:
-        raise ValueError(f"expected images [B, 3, H, W], got {images.shape}")
-    return images
 
 
 def near(image: np.ndarray, color: Sequence[float] | np.ndarray) -> np.ndarray:
@@ -79,32 +71,11 @@ def dilate(mask: np.ndarray) -> np.ndarray:
     return out
 
 
-def _components(mask: np.ndarray) -> list[np.ndarray]:
-    """4-connected components of a bool [H, W] mask, each [n, 2] of (y, x)."""
-    seen = np.zeros_like(mask)
-    out = []
-    h, w = mask.shape
-    for y0, x0 in zip(*np.nonzero(mask)):
-        if seen[y0, x0]:
-            continue
-        stack, pix = [(y0, x0)], []
-        seen[y0, x0] = True
-        while stack:
-            y, x = stack.pop()
-            pix.append((y, x))
-            for yy, xx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
-                if 0 <= yy < h and 0 <= xx < w and mask[yy, xx] and not seen[yy, xx]:
-                    seen[yy, xx] = True
-                    stack.append((yy, xx))
-        out.append(np.array(pix))
-    return out
-
-
 def detect_squares(image: np.ndarray) -> list[dict]:
     """Objects: components (>= MIN_AREA px) of pixels near an object colour; colour, squareness, pixel mask."""
     found = []
     for name, color in COLORS.items():
-        for comp in _components(near(image, color)):
+        for comp in components(near(image, color)):
             if len(comp) < MIN_AREA:
                 continue
             box = (np.ptp(comp[:, 0]) + 1) * (np.ptp(comp[:, 1]) + 1)
@@ -177,10 +148,10 @@ def item_scores(image: np.ndarray, prompt: str, source: np.ndarray | None) -> di
 def score_row(images: torch.Tensor | np.ndarray, prompts: Sequence[str],
               sources: Sequence[np.ndarray | None]) -> dict[str, float]:
     """The table row of a set of outputs (tasks absent from `prompts` are NaN; the average covers the rest)."""
-    x = _np(images)
+    x = as_images(images)
     if not len(prompts) == len(sources) == x.shape[0]:
         raise ValueError(f"{len(prompts)} prompts, {len(sources)} sources for {x.shape[0]} images")
-    items = [item_scores(x[i], p, None if s is None else _np(np.asarray(s)[None])[0])
+    items = [item_scores(x[i], p, None if s is None else as_images(np.asarray(s)[None])[0])
              for i, (p, s) in enumerate(zip(prompts, sources))]
     row: dict[str, float] = {}
     for task in ("t2i", "local_edit", "global_edit"):
