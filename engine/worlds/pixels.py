@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import numpy as np
 import torch
+
+
+class Degradation(Protocol):
+    """What `degrade` reads of a world's Imperfection."""
+
+    noise_std: float
+    wash: float
 
 
 def as_images(images: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -35,3 +44,26 @@ def components(mask: np.ndarray) -> list[np.ndarray]:
                     stack.append((yy, xx))
         out.append(np.array(pix))
     return out
+
+
+DEGRADATIONS: tuple[str, ...] = ("noise", "blur", "wash")
+
+
+def degrade(img: np.ndarray, rng: np.random.Generator, imp: Degradation | None = None,
+            kind: str | None = None) -> np.ndarray:
+    """One degradation of a [3, H, W] `img` in [-1, 1] (uniform over DEGRADATIONS unless `kind`), clipped to
+    [-1, 1]: gaussian noise of std `imp.noise_std`, a 3x3 box blur, or colours scaled by `imp.wash` (both worlds'
+    Imperfection: 0.3 and 0.5, the defaults)."""
+    noise_std, wash = (0.3, 0.5) if imp is None else (imp.noise_std, imp.wash)
+    kind = DEGRADATIONS[rng.integers(len(DEGRADATIONS))] if kind is None else kind
+    if kind == "noise":
+        out = img + noise_std * rng.standard_normal(img.shape).astype(np.float32)
+    elif kind == "blur":
+        h, w = img.shape[-2:]
+        pad = np.pad(img, ((0, 0), (1, 1), (1, 1)), mode="edge")
+        out = sum(pad[:, i : i + h, j : j + w] for i in range(3) for j in range(3)) / 9.0
+    elif kind == "wash":
+        out = img * wash
+    else:
+        raise ValueError(f"unknown degradation {kind!r}; valid: {DEGRADATIONS}")
+    return np.clip(out, -1.0, 1.0).astype(np.float32)

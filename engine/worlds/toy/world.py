@@ -27,6 +27,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from engine.worlds.pixels import DEGRADATIONS, degrade  # noqa: F401 (DEGRADATIONS re-exported)
+
 IMAGE_SIZE = 16
 CHANNELS = 3
 TASKS: tuple[str, ...] = ("compose", "text", "aesthetic")
@@ -392,26 +394,6 @@ def perturb(spec: Spec, rng: np.random.Generator) -> Spec:
         return SceneSpec(times[rng.integers(len(times))], spec.place)
     places = [p for p in PLACES if p != spec.place]
     return SceneSpec(spec.time, places[rng.integers(len(places))])
-
-
-DEGRADATIONS: tuple[str, ...] = ("noise", "blur", "wash")
-
-
-def degrade(
-    img: np.ndarray, rng: np.random.Generator, imp: Imperfection = Imperfection(), kind: str | None = None
-) -> np.ndarray:
-    """One degradation of `img` (uniform over DEGRADATIONS unless `kind` is given), clipped to [-1, 1]."""
-    kind = DEGRADATIONS[rng.integers(len(DEGRADATIONS))] if kind is None else kind
-    if kind == "noise":
-        out = img + imp.noise_std * rng.standard_normal(img.shape).astype(np.float32)
-    elif kind == "blur":
-        pad = np.pad(img, ((0, 0), (1, 1), (1, 1)), mode="edge")
-        out = sum(pad[:, i : i + IMAGE_SIZE, j : j + IMAGE_SIZE] for i in range(3) for j in range(3)) / 9.0
-    elif kind == "wash":
-        out = img * imp.wash
-    else:
-        raise ValueError(f"unknown degradation {kind!r}; valid: {DEGRADATIONS}")
-    return np.clip(out, -1.0, 1.0).astype(np.float32)
 
 
 def clean_example(task: str, rng: np.random.Generator) -> tuple[str, np.ndarray]:

@@ -26,6 +26,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from engine.worlds.pixels import DEGRADATIONS, degrade  # noqa: F401 (DEGRADATIONS re-exported)
+
 IMAGE_SIZE = 16
 CHANNELS = 3
 TASKS: tuple[str, ...] = ("t2i", "local_edit", "global_edit")
@@ -267,25 +269,6 @@ class Imperfection:
     """The target is degraded: gaussian noise, 3x3 blur or washed-out colours."""
     noise_std: float = 0.3
     wash: float = 0.5
-
-
-DEGRADATIONS: tuple[str, ...] = ("noise", "blur", "wash")
-
-
-def degrade(img: np.ndarray, rng: np.random.Generator, imp: Imperfection = Imperfection(),
-            kind: str | None = None) -> np.ndarray:
-    """One degradation of `img` (uniform over DEGRADATIONS unless `kind`), clipped to [-1, 1]."""
-    kind = DEGRADATIONS[rng.integers(len(DEGRADATIONS))] if kind is None else kind
-    if kind == "noise":
-        out = img + imp.noise_std * rng.standard_normal(img.shape).astype(np.float32)
-    elif kind == "blur":
-        pad = np.pad(img, ((0, 0), (1, 1), (1, 1)), mode="edge")
-        out = sum(pad[:, i : i + IMAGE_SIZE, j : j + IMAGE_SIZE] for i in range(3) for j in range(3)) / 9.0
-    elif kind == "wash":
-        out = img * imp.wash
-    else:
-        raise ValueError(f"unknown degradation {kind!r}; valid: {DEGRADATIONS}")
-    return np.clip(out, -1.0, 1.0).astype(np.float32)
 
 
 def corrupt_t2i(scene: Scene, rng: np.random.Generator) -> Scene:
