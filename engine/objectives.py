@@ -14,16 +14,15 @@ from engine.distributed import Collectives
 from engine.fields.evaluator import FieldEvaluator
 from engine.fields.field import Field
 from engine.objective import Objective
-from engine.opd.objective import OPDObjective, PhaseRange
-from engine.opd.query import num_candidates
+from engine.opd.objective import OPDObjective, PhaseRange, opd_chunks
 from engine.rl.step_rewards import Decode, StepRewards
 
 
 def chunks_of(c: Config) -> int:
     """Query chunks per micro-batch of run `c` (DeepSpeed's micro-steps per micro-batch), known before the model."""
-    if c.rl.loss:
-        return c.rl.sde_window or max(1, int(c.rl.timestep_fraction * (c.rollout.steps - 1)))
-    return c.opd.query_states or num_candidates(c.rollout.steps, c.opd.query_candidates)
+    from engine.rl.objective import grpo_chunks
+
+    return grpo_chunks(c.rl, c.rollout.steps) if c.rl.loss else opd_chunks(c.opd, c.rollout.steps)
 
 
 def build_objective(c: Config, evaluator: FieldEvaluator, fields: dict[str, Field], sigmas: torch.Tensor,

@@ -36,6 +36,11 @@ PhaseRange = Callable[[str, str], AbstractContextManager]
 """`timer.range(name, colour)`: the phase timer's NVTX + wall-time range."""
 
 
+def opd_chunks(cfg: OPDConfig, steps: int) -> int:
+    """Query states per sample: `query_states`, or every candidate state when dense (0)."""
+    return cfg.query_states or num_candidates(steps, cfg.query_candidates)
+
+
 class OPDObjective:
     """The configured OPD loss over one micro-batch's states, chunk by chunk."""
 
@@ -46,7 +51,7 @@ class OPDObjective:
         self.cfg, self.evaluator, self.sigmas, self.phase = cfg, evaluator, sigmas, phase
         self.steps, self.noise_level, self.group_size = rollout.steps, rollout.noise_level, rollout.group_size
         self.sigma_1 = float(sigmas[1])
-        self.chunks = cfg.query_states or num_candidates(rollout.steps, cfg.query_candidates)
+        self.chunks = opd_chunks(cfg, rollout.steps)
         """Query states per sample = DeepSpeed micro-steps per micro-batch."""
         self.weight = state_weight(self.chunks, rollout.steps, cfg.query_weighting)
         self.anchor = cfg.anchor if cfg.anchor and cfg.beta > 0 else None

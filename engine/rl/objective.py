@@ -41,6 +41,11 @@ from engine.sampling.rollout import Rollout, Trajectory
 PhaseRange = Callable[[str, str], AbstractContextManager]
 
 
+def grpo_chunks(cfg: RLConfig, steps: int) -> int:
+    """Trained states per sample: the SDE window, or the first int(timestep_fraction x (T - 1)) transitions."""
+    return cfg.sde_window or max(1, int(cfg.timestep_fraction * (steps - 1)))
+
+
 class GRPOObjective:
     """Flow-GRPO on the student's SDE rollouts (see the module docstring)."""
 
@@ -52,13 +57,9 @@ class GRPOObjective:
         self.noise_level = rollout.noise_level
         self.sigma_1 = float(sigmas[1])
         self.student = student_field(rollout.cfg_scale)
-        steps = rollout.steps
-        if cfg.sde_window:
-            self.chunks = cfg.sde_window
-            self.window_range = tuple(cfg.sde_window_range) if cfg.sde_window_range else (0, steps // 2)
-        else:
-            self.chunks = max(1, int(cfg.timestep_fraction * (steps - 1)))
-            self.window_range = None
+        self.chunks = grpo_chunks(cfg, rollout.steps)
+        self.window_range = ((tuple(cfg.sde_window_range) if cfg.sde_window_range else (0, rollout.steps // 2))
+                             if cfg.sde_window else None)
 
     def window_start(self, step: int) -> int:
         """First SDE step of optimizer step `step` (0 without a window), a pure function of (seed, step)."""
