@@ -80,24 +80,9 @@ PRESETS: dict[str, ZImagePreset] = {
     # batch-32 edit step (source + target + prompt = 160 tokens) takes 0.38 s fwd+bwd, a T2I step 0.21 s.
     "zimage-tiny": ZImagePreset(
         name="zimage-tiny",
-        transformer=dict(
-            all_patch_size=(2,),
-            all_f_patch_size=(1,),
-            in_channels=3,
-            dim=64,
-            n_layers=3,
-            n_refiner_layers=1,
-            n_heads=4,
-            n_kv_heads=4,
-            norm_eps=1e-5,
-            qk_norm=True,
-            cap_feat_dim=32,
-            siglip_feat_dim=None,
-            rope_theta=256.0,
-            t_scale=1000.0,
-            axes_dims=(4, 6, 6),
-            axes_lens=(512, 32, 32),
-        ),
+        # the Turbo DiT's settings at toy width and depth
+        transformer={**_TURBO, "in_channels": 3, "dim": 64, "n_layers": 3, "n_refiner_layers": 1, "n_heads": 4,
+                     "n_kv_heads": 4, "cap_feat_dim": 32, "axes_dims": (4, 6, 6), "axes_lens": (512, 32, 32)},
         latent_size=16,
         text_tokens=32,
     ),
