@@ -18,7 +18,7 @@ from engine.config import ConfigError, load_config
 from engine.fields import Field, PeftFieldEvaluator
 from engine.objective import MicroBatch
 from engine.worlds.toy_edit.model import conditioning, load_world
-from engine.worlds.toy_edit.world import eval_items, render
+from engine.worlds.toy_edit.world import TRAIN_COUNTS, eval_items, render
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "toy_edit.toml"
@@ -32,7 +32,8 @@ def test_world_is_a_plug_in_with_its_training_csv(tmp_path: Path, monkeypatch: p
     world = get_world("toy_edit")
     assert world.resolve("base") == REPO / "engine" / "worlds" / "toy_edit" / "weights" / "base"
     rows = load_prompts("builtin:toy_edit")
-    assert [sum(p.task == t for p in rows) for t in ("t2i", "local_edit", "global_edit")] == [24, 48, 48]
+    counts = [sum(p.task == t for p in rows) for t in ("t2i", "local_edit", "global_edit")]
+    assert counts == [TRAIN_COUNTS[t] for t in ("t2i", "local_edit", "global_edit")] == [24, 144, 144]
     assert all(bool(p.source) == (p.task != "t2i") for p in rows)
     assert not {p.text for p in rows} & {p for p, s in eval_items() if s is None}  # T2I prompts held out
     # the shipped CSV and PNGs are what trainset.py writes: same rows, pixels = the rendered scenes in 8 bits

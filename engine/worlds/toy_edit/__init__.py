@@ -52,7 +52,7 @@ class ToyEditWorld:
         return WEIGHTS_DIR / rel
 
     def train_prompts(self) -> Path:
-        """The training CSV (`builtin:toy_edit`: 24 T2I prompts, 48 local and 48 global edits with their source
+        """The training CSV (`builtin:toy_edit`: 24 T2I prompts, 144 local and 144 global edits with their source
         images), checked against its SHA256SUMS first."""
         from engine.files import verify_sha256sums
         from engine.worlds.toy_edit.trainset import CSV_NAME, TRAIN_DIR

@@ -373,11 +373,13 @@ def eval_items(task: str | None = None) -> list[tuple[str, Scene | None]]:
 
 
 TRAIN_SEED = 8765
-TRAIN_COUNTS = {"t2i": 24, "local_edit": 48, "global_edit": 48}
+# 144 scenes per edit task: with 48, a student reached 96% of the local-edit expert on its training scenes but 86%
+# on the eval scenes (seed 0, 2 query states; the first 48 scenes of the 144 are the old 48)
+TRAIN_COUNTS = {"t2i": 24, "local_edit": 144, "global_edit": 144}
 
 
 def train_items(task: str | None = None) -> list[tuple[str, Scene | None]]:
-    """The OPD training set (`builtin:toy_edit`): the 24 T2I prompts the eval set leaves out, and 48 edits of fresh
+    """The OPD training set (`builtin:toy_edit`): the 24 T2I prompts the eval set leaves out, and 144 edits of fresh
     random scenes per edit task (seed TRAIN_SEED; an item equal to an eval item is drawn again). All tasks when
     `task` is None."""
     if task is None:
