@@ -1,5 +1,5 @@
 """DanceOPD's editing fields through the engine, on the editing world (engine/worlds/toy_edit): the world as a
-plug-in, its training CSV, configs/toy_edit.toml, the trainer's rollout keeping the source latent bit-identical, an
+plug-in, its training CSV, the trainer's conditioning of it against the world's, configs/toy_edit.toml, the trainer's rollout keeping the source latent bit-identical, an
 edit field's unconditional branch keeping the image, the segmented evaluator on Z-Image rows against peft's, and a
 short run that moves the edit rewards."""
 
@@ -49,6 +49,40 @@ def test_world_is_a_plug_in_with_its_training_csv(tmp_path: Path, monkeypatch: p
     monkeypatch.setattr(trainset, "TRAIN_DIR", tmp_path / "train")
     with pytest.raises(ValueError, match="local_edit_001_source.png"):
         world.train_prompts()
+
+
+def test_trainers_row_conditioning_is_what_the_world_evaluates_with(tmp_path: Path) -> None:
+    """The rows the trainer builds from the CSV (prompt caches + image cache of the decoded PNGs) equal the world's
+    own `conditioning` of the rendered scenes that the eval and the experts' training use: the same captions and
+    layout exactly, the source within 8-bit quantisation. A mismatch here would train the student on other inputs
+    than it is scored on."""
+    from engine.backends.zimage.encoders import PixelImageEncoder
+    from engine.data.cache import load_or_build
+    from engine.data.images import EditCaptions, ImageCache, RowConditioning, file_digest
+    from engine.data.prompts import load_prompts
+    from engine.worlds.toy_edit.model import LATENT_SHAPE, new_encoder
+    from engine.worlds.toy_edit.world import train_items
+
+    prompts, items, enc = load_prompts("builtin:toy_edit"), train_items(), new_encoder()
+    assert [p.text for p in prompts] == [p for p, _ in items]
+    t2i = load_or_build(enc, [p.text for p in prompts], None, ZImageCond)
+    edit = load_or_build(EditCaptions(enc), sorted({p.text for p in prompts if p.source}), None, ZImageCond)
+    digests = {f: file_digest(f) for f in sorted({p.source for p in prompts if p.source})}
+    images = ImageCache(PixelImageEncoder(LATENT_SHAPE).identity, tmp_path / "images")
+    images.build(PixelImageEncoder(LATENT_SHAPE), {d: f for f, d in digests.items()})
+    rows = RowConditioning(prompts, t2i, edit, images, [digests.get(p.source, "") for p in prompts])
+    pick = [0, 1, TRAIN_COUNTS["t2i"], TRAIN_COUNTS["t2i"] + 7, len(prompts) - 1]  # T2I, local and global rows
+    got = rows.rows(pick)
+    want = conditioning(enc, [items[i][0] for i in pick], [None if items[i][1] is None else render(items[i][1])
+                                                           for i in pick])
+    for name, value in vars(want).items():
+        mine = getattr(got, name)
+        if not isinstance(value, torch.Tensor):
+            assert mine == value, name
+        elif name == "source":
+            assert mine.shape == value.shape and (mine - value).abs().max() <= 1 / 255 + 1e-6
+        else:
+            assert torch.equal(mine, value), name
 
 
 def test_config_validates_and_wrong_keys_are_named() -> None:
