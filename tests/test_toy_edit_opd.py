@@ -1,7 +1,7 @@
 """DanceOPD's editing fields through the engine, on the editing world (engine/worlds/toy_edit): the world as a
-plug-in, its training CSV, the trainer's conditioning of it against the world's, configs/toy_edit.toml, the trainer's rollout keeping the source latent bit-identical, an
-edit field's unconditional branch keeping the image, the segmented evaluator on Z-Image rows against peft's, and a
-short run that moves the edit rewards."""
+plug-in, its training CSV, the trainer's conditioning of it against the world's, configs/toy_edit.toml, the
+trainer's rollout keeping the source latent bit-identical, an edit field's unconditional branch keeping the image,
+the segmented evaluator on Z-Image rows against peft's, and a short run that moves the edit rewards."""
 
 from __future__ import annotations
 
