@@ -52,25 +52,25 @@ def test_world_is_a_plug_in_with_its_training_csv(tmp_path: Path, monkeypatch: p
 
 
 def test_trainers_row_conditioning_is_what_the_world_evaluates_with(tmp_path: Path) -> None:
-    """The rows the trainer builds from the CSV (prompt caches + image cache of the decoded PNGs) equal the world's
-    own `conditioning` of the rendered scenes that the eval and the experts' training use: the same captions and
-    layout exactly, the source within 8-bit quantisation. A mismatch here would train the student on other inputs
-    than it is scored on."""
-    from engine.backends.zimage.encoders import PixelImageEncoder
+    """The rows the trainer builds from the CSV (its own calls: the prompt cache, `row_conditioning`'s edit-caption
+    and image caches of the decoded PNGs) equal the world's `conditioning` of the rendered scenes that the eval and
+    the experts' training use: captions and layout exactly, the source within 8-bit quantisation. A mismatch here
+    would train the student on other inputs than it is scored on."""
+    from engine.backends import get_backend
     from engine.data.cache import load_or_build
-    from engine.data.images import EditCaptions, ImageCache, RowConditioning, file_digest
+    from engine.data.images import row_conditioning
     from engine.data.prompts import load_prompts
-    from engine.worlds.toy_edit.model import LATENT_SHAPE, new_encoder
+    from engine.data.text import build_text_encoder
+    from engine.worlds.toy_edit.model import new_encoder
     from engine.worlds.toy_edit.world import train_items
 
-    prompts, items, enc = load_prompts("builtin:toy_edit"), train_items(), new_encoder()
+    c = load_config(CONFIG)
+    backend, enc = get_backend(c.model.family), new_encoder()
+    prompts, items = load_prompts(c.data.prompts), train_items()
     assert [p.text for p in prompts] == [p for p, _ in items]
-    t2i = load_or_build(enc, [p.text for p in prompts], None, ZImageCond)
-    edit = load_or_build(EditCaptions(enc), sorted({p.text for p in prompts if p.source}), None, ZImageCond)
-    digests = {f: file_digest(f) for f in sorted({p.source for p in prompts if p.source})}
-    images = ImageCache(PixelImageEncoder(LATENT_SHAPE).identity, tmp_path / "images")
-    images.build(PixelImageEncoder(LATENT_SHAPE), {d: f for f, d in digests.items()})
-    rows = RowConditioning(prompts, t2i, edit, images, [digests.get(p.source, "") for p in prompts])
+    encoder = build_text_encoder(c.data.encoder, backend, None, c.data.max_sequence_length)  # a world's: no spec
+    t2i = load_or_build(encoder, [p.text for p in prompts if not p.source], None, backend.cond_type)
+    rows = row_conditioning(c, backend, None, prompts, encoder, t2i, tmp_path, 0, lambda value: value)
     pick = [0, 1, TRAIN_COUNTS["t2i"], TRAIN_COUNTS["t2i"] + 7, len(prompts) - 1]  # T2I, local and global rows
     got = rows.rows(pick)
     want = conditioning(enc, [items[i][0] for i in pick], [None if items[i][1] is None else render(items[i][1])
