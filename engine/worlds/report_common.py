@@ -143,7 +143,7 @@ def table_markdown(rows: Sequence[Row], seeds: int, columns: Sequence[str]) -> s
 
 
 def student_lines(runs: Sequence[tuple[str, Config]]) -> list[str]:
-    """One line per student: its loss, rollouts, query states, anchor, steps, lr, cold start and run dir."""
+    """One line per student: its loss, rollouts, query states, anchor, steps, lr, EMA, cold start and run dir."""
     lines = []
     for name, run in runs:
         o, r = run.opd, run.rollout
@@ -151,9 +151,11 @@ def student_lines(runs: Sequence[tuple[str, Config]]) -> list[str]:
         anchor = f", anchor {o.anchor} (beta {o.beta:g})" if o.anchor and o.beta > 0 else ""
         guided = [f"{f.name} {f.cfg_scale:g}" for f in run.fields if f.cfg_scale != 1.0]
         fields = f", guided fields {', '.join(guided)}" if guided else ""
+        t = run.train
+        ema = f", EMA {t.ema_decay:g} every {t.ema_every}" if t.ema_decay > 0 else ""
         lines.append(f"- {name}: loss {o.loss}, {r.sampler} rollouts (cfg {r.cfg_scale:g}), {o.routing} routing, "
                      f"query states {q}{anchor}{fields}, {run.train.steps} steps x "
-                     f"{run.train.prompts_per_step * r.group_size * run.train.grad_accum} images, lr {run.train.lr:g}, "
+                     f"{run.train.prompts_per_step * r.group_size * run.train.grad_accum} images, lr {run.train.lr:g}{ema}, "
                      f"rank {run.student.rank}, init {run.init.merge}; run dir {run.output_dir}")
     return lines
 
