@@ -154,8 +154,8 @@ def student_lines(runs: Sequence[tuple[str, Config]]) -> list[str]:
         t = run.train
         ema = f", EMA {t.ema_decay:g} every {t.ema_every}" if t.ema_decay > 0 else ""
         lines.append(f"- {name}: loss {o.loss}, {r.sampler} rollouts (cfg {r.cfg_scale:g}), {o.routing} routing, "
-                     f"query states {q}{anchor}{fields}, {run.train.steps} steps x "
-                     f"{run.train.prompts_per_step * r.group_size * run.train.grad_accum} images, lr {run.train.lr:g}{ema}, "
+                     f"query states {q}{anchor}{fields}, {t.steps} steps x "
+                     f"{t.prompts_per_step * r.group_size * t.grad_accum} images, lr {t.lr:g}{ema}, "
                      f"rank {run.student.rank}, init {run.init.merge}; run dir {run.output_dir}")
     return lines
 
