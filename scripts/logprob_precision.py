@@ -10,6 +10,7 @@ this reason; docs/config.md (`model.dtype`) quotes the numbers printed here.
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -18,7 +19,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args(argv)  # no options; --help works
     from engine.adapters.lora import STUDENT, AdapterSwitch
     from engine.backends import get_backend
     from engine.backends.sd3.backend import predict_velocity

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import platform
 import sys
 import time
@@ -54,19 +53,9 @@ from engine.worlds.toy_edit.model import (  # noqa: E402
     new_transformer,
 )
 from engine.worlds.toy_edit.world import Imperfection, base_example, clean_example  # noqa: E402
+from scripts._toy_training import log, lr_at  # noqa: E402
 
 CHECK_STRIDE = 3
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    t = (step - warmup) / max(total - warmup, 1)
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
 
 
 def train_base(args: argparse.Namespace, encoder) -> torch.nn.Module:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import platform
 import sys
 import time
@@ -31,24 +30,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from engine.adapters.export import export_adapter  # noqa: E402
 from engine.adapters.lora import AdapterSwitch, LoraSpec, add_adapter, freeze_for_training  # noqa: E402
 from engine.backends import get_backend
-from engine.checkpoint import write_sha256sums  # noqa: E402
+from engine.files import write_sha256sums  # noqa: E402
 from engine.worlds.toy.encoder import ToyTextEncoder  # noqa: E402
 from engine.worlds.toy.eval import EvalSettings, add_merge, evaluate, evaluate_seeds  # noqa: E402
 from engine.worlds.toy.model import EXPERTS, TOY_TRANSFORMER, WEIGHTS_DIR, flow_matching_loss, new_transformer  # noqa: E402
 from engine.worlds.toy.world import Imperfection, base_example, batch, clean_example, eval_prompts  # noqa: E402
+from scripts._toy_training import log, lr_at  # noqa: E402
 
 CHECK_PROMPT_STRIDE = 2
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    t = (step - warmup) / max(total - warmup, 1)
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
 
 
 def drop_prompts(prompts: list[str], rng: np.random.Generator, p: float) -> list[str]:
